@@ -1,0 +1,202 @@
+"""Training data: prompt sources and image-caption sources.
+
+Every source is a sequence of {"caption": str, "image": PIL.Image | None}. Sources:
+  shapes                          the bundled procedural world (images + captions)
+  DIR with metadata.jsonl         images with captions ({"file_name": ..., "text": ...} per line)
+  FILE.txt                        prompts, one per line
+  FILE.jsonl / FILE.csv           prompts (or image paths + captions) from columns
+  anything else                   a Hugging Face `datasets` name or path (needs `pip install datasets`)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from ..errors import StepdistillError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class CaptionSource(torch.utils.data.Dataset):
+    """A list of captions and optional image paths / images."""
+
+    def __init__(self, name: str, captions: list[str], images: list | None = None):
+        self.name, self.captions, self.images = name, captions, images
+
+    @property
+    def has_images(self) -> bool:
+        return self.images is not None
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, i: int) -> dict:
+        image = None
+        if self.images is not None:
+            image = self.images[i]
+            if isinstance(image, (str, Path)):
+                image = _open_image(image)
+        return {"caption": self.captions[i], "image": image}
+
+
+class ShapesSource(torch.utils.data.Dataset):
+    def __init__(self, split: str, size: int, length: int):
+        from .shapes import ShapesDataset
+
+        self.name = f"shapes:{split}"
+        self.ds = ShapesDataset(split=split, size=size, length=length)
+        self.has_images = True
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.ds[i]
+        return {"caption": item["caption"], "image": item["image"]}
+
+
+def _open_image(path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise StepdistillError(f"image '{path}' listed in the data source does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise StepdistillError(f"image '{path}' cannot be read ({err}); remove it from the metadata") from None
+
+
+def _column(row: dict, column: str, where: str, fallbacks=("text", "caption", "prompt")) -> str:
+    for key in (column, *fallbacks):
+        if key in row:
+            return str(row[key])
+    raise StepdistillError(f"{where} has no column '{column}' (columns: {', '.join(map(str, row))}); "
+                           "set data.caption_column")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise StepdistillError(f"{path}:{n} is not valid JSON") from None
+    return rows
+
+
+def load_source(cfg: DataConfig, needs_images: bool):
+    src = cfg.source
+    if src == "shapes" or src.startswith("shapes:"):
+        split = src.split(":", 1)[1] if ":" in src else cfg.split
+        ds = ShapesSource(split, cfg.resolution, cfg.max_samples or 20000)
+    else:
+        path = Path(src)
+        if path.is_dir():
+            meta = path / "metadata.jsonl"
+            if not meta.is_file():
+                raise StepdistillError(f"image folder '{src}' has no metadata.jsonl (one line per image: "
+                                       '{"file_name": "a.png", "text": "a caption"})')
+            rows = _read_jsonl(meta)
+            for r in rows:
+                if "file_name" not in r:
+                    raise StepdistillError(f"{meta}: every line needs a 'file_name'")
+            ds = CaptionSource(src, [_column(r, cfg.caption_column, str(meta)) for r in rows],
+                               [path / r["file_name"] for r in rows])
+        elif path.suffix == ".txt":
+            _must_exist(path)
+            ds = CaptionSource(src, [line.strip() for line in path.read_text().splitlines() if line.strip()])
+        elif path.suffix == ".jsonl":
+            _must_exist(path)
+            rows = _read_jsonl(path)
+            images = [path.parent / r[cfg.image_column] for r in rows] if rows and cfg.image_column in rows[0] else None
+            ds = CaptionSource(src, [_column(r, cfg.caption_column, str(path)) for r in rows], images)
+        elif path.suffix == ".csv":
+            _must_exist(path)
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+            images = [path.parent / r[cfg.image_column] for r in rows] if rows and cfg.image_column in rows[0] else None
+            ds = CaptionSource(src, [_column(r, cfg.caption_column, str(path)) for r in rows], images)
+        elif path.suffix or src.startswith((".", "/")):
+            raise StepdistillError(f"data source '{src}' not found or of an unknown kind; use 'shapes', an image "
+                                   "folder with metadata.jsonl, or a .txt / .jsonl / .csv file")
+        else:
+            ds = _hf_dataset(cfg)
+    if len(ds) == 0:
+        raise StepdistillError(f"data source '{src}' has no samples")
+    if needs_images and not ds.has_images:
+        raise StepdistillError(f"this objective trains on images with captions, but data source '{src}' has only "
+                               "prompts; use an image folder with metadata.jsonl, a dataset with images, or 'shapes'")
+    if cfg.max_samples and len(ds) > cfg.max_samples and isinstance(ds, CaptionSource):
+        ds = CaptionSource(ds.name, ds.captions[:cfg.max_samples], ds.images[:cfg.max_samples] if ds.images else None)
+    return ds
+
+
+def _must_exist(path: Path) -> None:
+    if not path.is_file():
+        raise StepdistillError(f"data file '{path}' does not exist")
+
+
+def _hf_dataset(cfg: DataConfig):
+    try:
+        import datasets
+    except ImportError:
+        raise StepdistillError(f"data source '{cfg.source}' looks like a Hugging Face dataset; `pip install datasets` "
+                               "to use it, or give a local folder / file") from None
+    try:
+        ds = datasets.load_dataset(cfg.source, split=cfg.split)
+    except Exception as err:
+        raise StepdistillError(f"could not load dataset '{cfg.source}' split '{cfg.split}': "
+                               f"{str(err).strip().splitlines()[0][:200]}") from None
+    if cfg.caption_column not in ds.column_names:
+        raise StepdistillError(f"dataset '{cfg.source}' has no column '{cfg.caption_column}' "
+                               f"(columns: {', '.join(ds.column_names)}); set data.caption_column")
+    images = list(ds[cfg.image_column]) if cfg.image_column in ds.column_names else None
+    return CaptionSource(cfg.source, [str(c) for c in ds[cfg.caption_column]], images)
+
+
+def image_to_tensor(image, resolution: int, center_crop: bool = True) -> torch.Tensor:
+    """Resize the short side to `resolution` (bicubic), crop to a square, scale to [-1, 1]; (3, R, R)."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = resolution / min(w, h)
+    if scale != 1:
+        image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    left = (w - resolution) // 2 if center_crop else 0
+    top = (h - resolution) // 2 if center_crop else 0
+    image = image.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class BatchStream:
+    """Deterministic, resumable order: epoch e is a permutation seeded by (seed, e); each process takes its slice
+    of every global batch. The only state is how many samples were drawn, so resuming is exact."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.drawn = 0
+        self._epoch, self._perm = -1, None
+
+    def _index(self, k: int) -> int:
+        epoch, pos = divmod(k, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[pos]
+
+    def next_indices(self) -> list[int]:
+        start = self.drawn + self.rank * self.batch_size
+        idx = [self._index(start + i) for i in range(self.batch_size)]
+        self.drawn += self.batch_size * self.world
+        return idx

@@ -1,0 +1,147 @@
+"""The `stepdistill` command: train, export, sample, evaluate, objectives."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import StepdistillError
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = train(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"run folder: {run_dir}")
+        samples = sorted((run_dir / "samples").glob("*.png"))
+        if samples:
+            print(f"sample grid: {samples[-1]}")
+        if (run_dir / "export").is_dir():
+            print(f"export: {run_dir / 'export'}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    out = export_run(args.run_dir, args.format, args.out, args.checkpoint)
+    print(f"export: {out}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .sampling import generate, load_pipeline
+    from .utils import image_grid, save_image_atomic
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, spec = load_pipeline(args.model, device=device, scheduler=args.scheduler, base_model=args.base_model,
+                               guidance_scale=args.guidance)
+    prompts = args.prompt * args.num_images
+    images = generate(pipe, spec, prompts, [args.seed + i for i in range(len(prompts))], steps=args.steps)
+    save_image_atomic(image_grid(images), args.out)
+    print(f"{len(images)} images ({args.steps or spec.num_inference_steps} steps, {spec.scheduler_class}, "
+          f"guidance {spec.guidance_scale if args.guidance is None else args.guidance}): {args.out}")
+    return 0
+
+
+def _cmd_objectives(args) -> int:
+    import dataclasses
+
+    from .objectives import REGISTRY
+
+    for name, cls in sorted(REGISTRY.items()):
+        print(f"{name:14s} {getattr(cls, 'summary', '')}")
+        if args.verbose:
+            for f in dataclasses.fields(cls.Options):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                print(f"    {f.name} = {default!r}")
+    return 0
+
+
+def quiet_libraries() -> None:
+    """diffusers / transformers chatter (load bars, deprecations, safety-checker notice) hides our own output."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="stepdistill", description="Distil a many-step diffusion teacher into a few-step student.")
+    p.add_argument("--version", action="version", version=f"stepdistill {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student from a YAML config")
+    t.add_argument("config", nargs="?", default="configs/shapes/consistency_lora.yaml",
+                   help="YAML config (default: %(default)s)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="export a run's student as LoRA or a full pipeline")
+    e.add_argument("run_dir")
+    e.add_argument("--format", choices=["auto", "lora", "full"], default="auto")
+    e.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    e.add_argument("--checkpoint", default=None, help="a checkpoint folder instead of the final weights")
+    e.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("sample", help="generate with an export, a run, or a diffusers pipeline")
+    s.add_argument("model")
+    s.add_argument("--prompt", action="append", required=True, help="repeatable")
+    s.add_argument("--steps", type=int, default=None, help="default: the student's step count")
+    s.add_argument("--guidance", type=float, default=None, help="default: the export's guidance scale")
+    s.add_argument("--scheduler", default=None, help="override the scheduler (ddim, lcm, euler, or a class name)")
+    s.add_argument("--base-model", default=None, help="base pipeline for a LoRA export (default: from the export)")
+    s.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--out", default="grid.png")
+    s.set_defaults(func=_cmd_sample)
+
+    o = sub.add_parser("objectives", help="list the registered objectives")
+    o.add_argument("-v", "--verbose", action="store_true", help="show each objective's options")
+    o.set_defaults(func=_cmd_objectives)
+
+    try:
+        from .evaluate import cli as evaluate_cli
+
+        evaluate_cli.add_parser(sub)
+    except ImportError:
+        pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if not args.verbose:
+        quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except StepdistillError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

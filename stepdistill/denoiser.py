@@ -1,0 +1,148 @@
+"""Denoiser: a diffusers backbone + conditioning + noise schedule behind one interface.
+
+Teacher, student and any critic are Denoisers. Where the student is a LoRA, all of them share one frozen base
+UNet and differ only in which adapter is active (None = the plain base, i.e. the teacher).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .schedule import NoiseSchedule
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for a batch, in the form the UNet takes it."""
+
+    embeds: torch.Tensor  # (B, L, D) encoder_hidden_states
+    pooled: torch.Tensor | None = None  # SDXL: pooled text embeddings
+    time_ids: torch.Tensor | None = None  # SDXL: (original size, crop, target size)
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.embeds}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+    def map(self, fn) -> "Conditioning":
+        return replace(self, embeds=fn(self.embeds),
+                       pooled=None if self.pooled is None else fn(self.pooled),
+                       time_ids=None if self.time_ids is None else fn(self.time_ids))
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        join = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return Conditioning(torch.cat([self.embeds, other.embeds]), join(self.pooled, other.pooled),
+                            join(self.time_ids, other.time_ids))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight, as diffusers' LCM pipelines compute it (w scaled by 1000)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+@contextlib.contextmanager
+def adapter_scope(unet, adapter: str | None):
+    """Run `unet` with only `adapter` active (None: no adapter, the frozen base).
+
+    peft toggles requires_grad when adapters are switched; the flags are restored on exit so that switching
+    to the teacher in the middle of a training step does not freeze the student's parameters.
+    """
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        if adapter is not None:
+            raise ValueError(f"adapter '{adapter}' requested but the UNet has no adapters")
+        yield
+        return
+    flags = {p: p.requires_grad for p in unet.parameters()}
+    previous = unet.active_adapters()
+    enabled = not _adapters_disabled(unet)
+    try:
+        if adapter is None:
+            unet.disable_adapters()
+        else:
+            unet.enable_adapters()
+            unet.set_adapter(adapter)
+        yield
+    finally:
+        if enabled:
+            unet.enable_adapters()
+            unet.set_adapter(previous)
+        else:
+            unet.disable_adapters()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def _adapters_disabled(unet) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            return module.disable_adapters
+    return True
+
+
+class Denoiser:
+    """Predicts x0 / eps / v from (x_t, t, conditioning) in the teacher's noise schedule.
+
+    `net` is what is called (possibly a DDP wrapper), `unet` the bare module (for config and adapters).
+    """
+
+    def __init__(self, net, schedule: NoiseSchedule, *, unet=None, adapter: str | None = None,
+                 prediction_type: str | None = None):
+        self.net = net
+        self.unet = unet if unet is not None else net
+        self.schedule = schedule
+        self.adapter = adapter
+        self.prediction_type = prediction_type or schedule.prediction_type
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        return getattr(self.unet.config, "time_cond_proj_dim", None)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw network output, in this denoiser's parameterization."""
+        kwargs = cond.unet_kwargs()
+        if self.guidance_embedding_dim is not None:
+            if w is None:
+                raise ValueError("this network has a guidance embedding: pass the guidance weight w")
+            kwargs["timestep_cond"] = guidance_scale_embedding(w, self.guidance_embedding_dim).to(x_t)
+        dtype = self.unet.dtype
+        with adapter_scope(self.unet, self.adapter):
+            out = self.net(x_t.to(dtype), t, **{k: _cast(v, dtype) for k, v in kwargs.items()}).sample
+        return out.to(x_t.dtype)
+
+    def x0_eps(self, x_t, t, cond, w=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.schedule.to_x0_eps(self(x_t, t, cond, w), x_t, t, self.prediction_type)
+
+    def guided_x0_eps(self, x_t, t, cond: Conditioning, uncond: Conditioning, scale: torch.Tensor | float):
+        """Classifier-free guidance in one batched call: pred = uncond + scale * (cond - uncond).
+
+        `scale` is a float or a per-sample tensor; scale = 1 is the plain conditional prediction.
+        """
+        x0, eps = self.x0_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))
+        (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+        s = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u)
+
+
+def _cast(value, dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value

@@ -1,0 +1,177 @@
+"""Export a trained student: LoRA (diffusers + kohya/ComfyUI/A1111 files) or a full diffusers pipeline.
+
+Every export folder carries the student's sampling spec (`stepdistill.json`), the scheduler config the student
+needs (`scheduler/`), and a model card with a diffusers snippet. Folders are written to a temporary name and
+renamed, so an interrupted export never replaces a good one with half a folder.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import StepdistillError
+from .models import STUDENT_ADAPTER, Teacher
+from .sampling import LORA_FILE, SPEC_FILE, SamplingSpec, make_scheduler
+from .utils import atomic_directory, atomic_write_json
+
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+
+
+def pipeline_with_unet(teacher: Teacher, unet, scheduler):
+    """The teacher's diffusers pipeline class with `unet` and `scheduler` swapped in."""
+    import diffusers
+
+    cls = getattr(diffusers, teacher.pipeline_class)
+    components = {k: v for k, v in teacher.components.items() if k not in ("unet", "scheduler")}
+    return cls(**components, unet=unet, scheduler=scheduler)
+
+
+def lora_state_dict(unet, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+
+
+def kohya_state_dict(unet, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
+    """`lora_unet_<module>` keys with lora_down / lora_up and each module's true alpha (kohya's sd-scripts
+    naming on diffusers module paths, which ComfyUI, A1111 and diffusers' kohya converter read)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            key = "lora_unet_" + name.replace(".", "_")
+            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
+            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
+    if not out:
+        raise StepdistillError("the student has no LoRA adapter to export; use --format full")
+    return out
+
+
+def merged_unet(unet, adapter: str = STUDENT_ADAPTER):
+    """A plain UNet (no peft layers) with the LoRA adapter folded into its weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(unet)
+    for module in merged.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[adapter])
+    merged.unload_lora() if hasattr(merged, "unload_lora") else None
+    return merged
+
+
+def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: str | os.PathLike,
+                   student_type: str, name: str = "stepdistill") -> Path:
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if fmt == "lora" and student_type != "lora":
+        raise StepdistillError("a full student cannot be exported as LoRA; use --format full "
+                               "(or train with student.type=lora)")
+    spec = dataclasses.replace(spec, format=fmt, base_model=teacher.model_id if fmt == "lora" else None)
+    with atomic_directory(out) as tmp:
+        if fmt == "lora":
+            import diffusers
+
+            cls = getattr(diffusers, teacher.pipeline_class)
+            metadata = unet.peft_config[STUDENT_ADAPTER].to_dict()
+            cls.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
+                                  unet_lora_adapter_metadata=metadata)
+            save_file(kohya_state_dict(unet), str(tmp / KOHYA_FILE))
+            make_scheduler(spec).save_pretrained(str(tmp / "scheduler"))
+        elif fmt == "full":
+            plain = merged_unet(unet) if student_type == "lora" else unet
+            pipe = pipeline_with_unet(teacher, plain, make_scheduler(spec))
+            pipe.save_pretrained(str(tmp), safe_serialization=True)
+        else:
+            raise StepdistillError(f"unknown export format '{fmt}'; use lora or full")
+        atomic_write_json(tmp / SPEC_FILE, spec.to_json())
+        (tmp / "README.md").write_text(model_card(spec, teacher, str(out), name))
+    return out
+
+
+def model_card(spec: SamplingSpec, teacher: Teacher, path: str, name: str) -> str:
+    steps, g = spec.num_inference_steps, spec.guidance_scale
+    res = spec.resolution or 512
+    pipe_cls = teacher.pipeline_class
+    if spec.format == "lora":
+        load = (f'pipe = {pipe_cls}.from_pretrained("{spec.base_model}")\n'
+                f'pipe.load_lora_weights("{path}")\n'
+                f'pipe.scheduler = {spec.scheduler_class}.from_pretrained("{path}", subfolder="scheduler")')
+        files = (f"- `{LORA_FILE}`: diffusers / peft LoRA (`pipe.load_lora_weights`)\n"
+                 f"- `{KOHYA_FILE}`: the same LoRA with kohya keys and per-module alpha, for ComfyUI and A1111\n"
+                 f"- `scheduler/`: the scheduler config the student needs (a base pipeline's default is wrong "
+                 f"for few steps)\n")
+    else:
+        load = f'pipe = {pipe_cls}.from_pretrained("{path}")'
+        files = "- a complete diffusers pipeline folder with the student UNet and its scheduler\n"
+    timesteps = (spec.timesteps or {}).get(steps)
+    return f"""---
+library_name: diffusers
+tags: [stepdistill, step-distillation, {spec.objective or 'distillation'}]
+base_model: {teacher.model_id}
+---
+# {name}: a {steps}-step student of `{teacher.model_id}`
+
+Distilled with [stepdistill](https://pypi.org/project/stepdistill/) (objective: `{spec.objective}`).
+Sample it with `{spec.scheduler_class}`, {steps} steps{f' (timesteps {timesteps})' if timesteps else ''}, guidance
+scale {g}.
+
+## Files
+{files}- `{SPEC_FILE}`: the sampling spec (scheduler, steps, timesteps, guidance) that `stepdistill sample` and
+  `stepdistill evaluate` apply
+
+## Use with diffusers
+```python
+import torch
+from diffusers import {pipe_cls}, {spec.scheduler_class}
+
+{load}
+image = pipe("your prompt", num_inference_steps={steps}, guidance_scale={g}, height={res}, width={res}).images[0]
+image.save("sample.png")
+```
+"""
+
+
+def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.PathLike | None = None,
+               checkpoint: str | None = None, device: str = "cpu") -> Path:
+    """Rebuild the student of a run from its config and weights (final, or a checkpoint) and export it."""
+    from safetensors.torch import load_file
+
+    from .config import load_config
+    from .models import build_student, load_teacher, load_trainable_state_dict
+    from .trainer import list_checkpoints
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "sampling_spec.json").is_file():
+        raise StepdistillError(f"'{run_dir}' is not a stepdistill run folder (no config.yaml / sampling_spec.json)")
+    cfg = load_config(run_dir / "config.yaml")
+    if checkpoint is None:
+        weights = run_dir / "final" / "student.safetensors"
+        if not weights.is_file():
+            ckpts = list_checkpoints(run_dir)
+            if not ckpts:
+                raise StepdistillError(f"run '{run_dir}' has no final weights and no checkpoint to export")
+            weights = ckpts[-1] / "model.safetensors"
+    else:
+        weights = Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else Path(checkpoint)
+    if not weights.is_file():
+        raise StepdistillError(f"weights '{weights}' not found")
+    teacher = load_teacher(cfg.model, device)
+    unet = build_student(teacher, cfg.student)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:
+        raise StepdistillError(f"weights '{weights}' are corrupt ({err})") from None
+    load_trainable_state_dict(unet, state, f"weights '{weights}'")
+    import json
+
+    spec = SamplingSpec.from_json(json.loads((run_dir / "sampling_spec.json").read_text()))
+    fmt = cfg.student.type if fmt == "auto" else fmt
+    return export_student(teacher, unet, spec, fmt, out or run_dir / "export", cfg.student.type, cfg.name)

@@ -1,0 +1,111 @@
+"""The Objective interface and registry.
+
+An objective says which networks it trains (each with its own optimizer and update frequency), computes
+named losses for a batch, and knows how its student must be sampled. The math lives in `losses(...)`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..errors import StepdistillError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..denoiser import Conditioning
+    from ..models import Teacher
+    from ..sampling import SamplingSpec
+
+
+@dataclass
+class Batch:
+    prompts: list[str]
+    cond: "Conditioning"
+    uncond: "Conditioning"  # empty-prompt conditioning, one row per sample
+    latents: torch.Tensor | None = None  # scaled VAE latents of real images (image-caption data only)
+
+
+@dataclass
+class TrainedNetwork:
+    """A network an objective trains: its parameters that require grad go to their own AdamW."""
+
+    module: torch.nn.Module
+    lr: float
+    update_every: int = 1  # updated on steps where step % update_every == 0 (two time-scale updates)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DistillSetup:
+    """What an objective is built from."""
+
+    teacher: "Teacher"
+    student: torch.nn.Module  # the student UNet (for LoRA: the teacher's UNet with the student adapter)
+    student_type: str  # "lora" | "full"
+    lr: float
+    resolution: int
+    device: torch.device
+
+
+class Objective:
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    needs_images: ClassVar[bool] = False
+
+    def __init__(self, setup: DistillSetup, options: Any):
+        self.setup = setup
+        self.opt = options
+
+    @classmethod
+    def parse_options(cls, options: dict):
+        from ..config import from_dict
+
+        parsed = from_dict(cls.Options, options, "objective.options")
+        if hasattr(parsed, "check"):
+            parsed.check()
+        return parsed
+
+    # --- what is trained -------------------------------------------------------------------------------
+    def networks(self) -> dict[str, TrainedNetwork]:
+        raise NotImplementedError
+
+    def use_wrapped(self, wrapped: dict[str, torch.nn.Module]) -> None:
+        """The trainer hands back the accelerate-prepared (e.g. DDP) modules, by network name."""
+        self.wrapped = wrapped
+
+    # --- the math --------------------------------------------------------------------------------------
+    def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Named losses for updating `network`; "loss" is the one that is backpropagated."""
+        raise NotImplementedError
+
+    def after_update(self, network: str) -> None:
+        """Called after each optimizer step of `network` (e.g. to move an EMA target)."""
+
+    # --- extra state and sampling ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def sampling_spec(self) -> "SamplingSpec":
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_objective(name: str) -> type[Objective]:
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise StepdistillError(f"unknown objective '{name}'{hint}; registered: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]

@@ -1,0 +1,124 @@
+"""Latent consistency distillation (LCM, LCM-LoRA).
+
+The student f(x_t, t) = c_skip(t) x_t + c_out(t) x0_student(x_t, t) must agree with a target network at the
+previous point of the teacher's PF-ODE trajectory, reached by one DDIM step of the CFG teacher on a skipping
+grid of `num_ddim_timesteps` timesteps:
+
+    x_prev = DDIM(x_t, t -> t - k; teacher prediction cond + w (cond - uncond)),   w ~ U[w_min, w_max]
+    loss   = d( f_student(x_t, t), sg f_target(x_prev, t - k) )
+
+The target is an EMA of a full student, or the LoRA student itself under no_grad (LCM-LoRA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..denoiser import Denoiser
+from ..ema import EMA
+from ..errors import StepdistillError
+from ..losses import consistency_boundary_scalings, distance
+from ..models import STUDENT_ADAPTER
+from .base import Batch, Objective, TrainedNetwork, register
+
+
+@dataclass
+class ConsistencyOptions:
+    num_ddim_timesteps: int = 50  # the skipping grid (LCM's original_inference_steps)
+    w_min: float = 3.0  # teacher guidance weight range (LCM convention: CFG scale = 1 + w)
+    w_max: float = 8.0
+    loss: Literal["l2", "huber"] = "huber"
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    ema_decay: float = 0.95  # target network of full students
+    num_inference_steps: int = 4  # the student's default step count in the export
+    sample_guidance: float | None = None  # pipeline guidance_scale; default 1 (LoRA) or 1 + mean w (embedded)
+
+    def check(self) -> None:
+        if not 1 <= self.num_ddim_timesteps <= 1000:
+            raise StepdistillError("objective.options.num_ddim_timesteps must be in [1, 1000]")
+        if not 0 <= self.w_min <= self.w_max:
+            raise StepdistillError("objective.options needs 0 <= w_min <= w_max")
+        if not 0 <= self.ema_decay < 1:
+            raise StepdistillError("objective.options.ema_decay must be in [0, 1)")
+        if not 1 <= self.num_inference_steps <= self.num_ddim_timesteps:
+            raise StepdistillError("objective.options.num_inference_steps must be in [1, num_ddim_timesteps]")
+
+
+@register
+class Consistency(Objective):
+    name = "consistency"
+    Options = ConsistencyOptions
+    needs_images = True
+    summary = "LCM / LCM-LoRA: map points of the teacher's CFG PF-ODE to its origin (skip-step DDIM solver)"
+
+    def __init__(self, setup, options: ConsistencyOptions):
+        super().__init__(setup, options)
+        teacher = setup.teacher
+        T = teacher.schedule.num_train_timesteps
+        self.step_ratio = T // options.num_ddim_timesteps
+        self.grid = (torch.arange(1, options.num_ddim_timesteps + 1) * self.step_ratio - 1).to(setup.device)
+        self.teacher = teacher.denoiser()
+        lora = setup.student_type == "lora"
+        adapter = STUDENT_ADAPTER if lora else None
+        self.student = Denoiser(setup.student, teacher.schedule, adapter=adapter)
+        # LCM-LoRA uses the student itself as target; full students use an EMA copy (LCM).
+        self.ema = None if lora else EMA(setup.student, options.ema_decay)
+        self.target = Denoiser(setup.student if lora else self.ema.shadow, teacher.schedule, adapter=adapter)
+
+    def networks(self):
+        return {"student": TrainedNetwork(self.setup.student, self.setup.lr)}
+
+    def use_wrapped(self, wrapped):
+        super().use_wrapped(wrapped)
+        self.student.net = wrapped["student"]
+
+    def consistency_fn(self, den: Denoiser, x_t, t, cond, w):
+        c_skip, c_out = (c.reshape(-1, 1, 1, 1) for c in consistency_boundary_scalings(t, timestep_scaling=self.opt.timestep_scaling))
+        x0, _ = den.x0_eps(x_t, t, cond, w)
+        return c_skip * x_t + c_out * x0
+
+    def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        o, x0 = self.opt, batch.latents
+        b, dev = x0.shape[0], x0.device
+        t = self.grid[torch.randint(0, len(self.grid), (b,), generator=gen, device=dev)]
+        t_prev = (t - self.step_ratio).clamp(min=0)
+        x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t)
+        w = o.w_min + (o.w_max - o.w_min) * torch.rand(b, generator=gen, device=dev)
+
+        pred = self.consistency_fn(self.student, x_t, t, batch.cond, w)
+        with torch.no_grad():
+            x0_t, eps_t = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, 1.0 + w)
+            x_prev = self.teacher.schedule.ddim_step(x0_t, eps_t, t_prev)
+            target = self.consistency_fn(self.target, x_prev, t_prev, batch.cond, w)
+        loss = distance(pred, target, o.loss, o.huber_c).mean()
+        return {"loss": loss}
+
+    def after_update(self, network):
+        if self.ema is not None:
+            self.ema.update(self.setup.student)
+
+    def state_dict(self):
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state):
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+    def sampling_spec(self):
+        from ..sampling import SamplingSpec, scheduler_timesteps
+
+        o = self.opt
+        embedded = getattr(self.setup.student.config, "time_cond_proj_dim", None) is not None
+        guidance = o.sample_guidance if o.sample_guidance is not None else (1.0 + (o.w_min + o.w_max) / 2 if embedded else 1.0)
+        config = dict(self.setup.teacher.scheduler_config)
+        config.update(original_inference_steps=o.num_ddim_timesteps, timestep_scaling=o.timestep_scaling,
+                      timestep_spacing="leading")
+        steps = sorted({1, 2, 4, 8, o.num_inference_steps})
+        return SamplingSpec(format="lora" if self.setup.student_type == "lora" else "full",
+                            scheduler_class="LCMScheduler", scheduler_config=config,
+                            num_inference_steps=o.num_inference_steps,
+                            timesteps={n: scheduler_timesteps("LCMScheduler", config, n) for n in steps},
+                            guidance_scale=guidance, objective=self.name, resolution=self.setup.resolution)

@@ -1,0 +1,173 @@
+"""The student sampling spec, and loading + generating through the real diffusers pipeline.
+
+Every export carries a `stepdistill.json` spec: which scheduler (class and config), how many steps and which
+timesteps, what guidance scale. `load_pipeline` applies it, so a user's pipeline, `stepdistill sample` and
+`stepdistill evaluate` all sample the student the way it was trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import StepdistillError
+
+SPEC_FILE = "stepdistill.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SCHEDULER_ALIASES = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler",
+                     "ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler", "tcd": "TCDScheduler",
+                     "euler_a": "EulerAncestralDiscreteScheduler"}
+
+
+@dataclass
+class SamplingSpec:
+    format: str  # "lora" | "full" | "pipeline"
+    scheduler_class: str
+    scheduler_config: dict
+    num_inference_steps: int
+    timesteps: dict[int, list[int]] | None = None  # explicit timesteps per step count, where the student needs them
+    guidance_scale: float = 1.0  # pipeline guidance_scale (1 = no CFG)
+    lora_scale: float = 1.0
+    base_model: str | None = None  # LoRA exports: the base pipeline
+    resolution: int | None = None
+    objective: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def nfe(self, steps: int, guidance_scale: float | None = None, embedded_guidance: bool = False) -> int:
+        """Network evaluations per image: classifier-free guidance doubles them."""
+        g = self.guidance_scale if guidance_scale is None else guidance_scale
+        return steps * (2 if g > 1.0 and not embedded_guidance else 1)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        if self.timesteps is not None:
+            d["timesteps"] = {str(k): [int(t) for t in v] for k, v in self.timesteps.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SamplingSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if d.get("timesteps") is not None:
+            d["timesteps"] = {int(k): [int(t) for t in v] for k, v in d["timesteps"].items()}
+        return cls(**d)
+
+    @classmethod
+    def read(cls, folder: str) -> "SamplingSpec":
+        path = os.path.join(folder, SPEC_FILE)
+        try:
+            with open(path) as f:
+                return cls.from_json(json.load(f))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise StepdistillError(f"'{path}' is corrupt ({err}); re-export the student") from None
+
+
+def scheduler_class(name: str):
+    import diffusers
+
+    name = SCHEDULER_ALIASES.get(name.lower(), name)
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise StepdistillError(f"unknown scheduler '{name}'; use a diffusers scheduler class name or one of "
+                               f"{', '.join(SCHEDULER_ALIASES)}")
+    return cls
+
+
+def make_scheduler(spec: SamplingSpec):
+    return scheduler_class(spec.scheduler_class).from_config(spec.scheduler_config)
+
+
+def scheduler_timesteps(name: str, config: dict, steps: int) -> list[int]:
+    """The timesteps a diffusers scheduler picks for `steps` steps."""
+    sched = scheduler_class(name).from_config(config)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
+
+
+def _pipeline_class(folder: str):
+    import diffusers
+
+    from .models import read_pipeline_class
+
+    return getattr(diffusers, read_pipeline_class(folder))
+
+
+def _from_pretrained(model: str, dtype):
+    cls = _pipeline_class(model)
+    kwargs = {"torch_dtype": dtype}
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as err:
+        raise StepdistillError(f"could not load pipeline '{model}': {str(err).strip().splitlines()[0][:300]}") from None
+
+
+def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: str | None = None,
+                  base_model: str | None = None, guidance_scale: float | None = None):
+    """(pipeline, spec) for an export folder, a training run folder, or a plain diffusers pipeline."""
+    model = str(model)
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, "run.json")):
+        export = os.path.join(model, "export")
+        if not os.path.isfile(os.path.join(export, SPEC_FILE)):
+            raise StepdistillError(f"run folder '{model}' has no export yet; run `stepdistill export {model}` first")
+        model = export
+    if os.path.isdir(model) and os.path.isfile(os.path.join(model, SPEC_FILE)):
+        spec = SamplingSpec.read(model)
+    elif os.path.isdir(model) or "/" in model and not model.startswith((".", "/")):
+        spec = None  # a plain pipeline: its own scheduler unless told otherwise
+    else:
+        raise StepdistillError(f"'{model}' is not an export folder, run folder, or diffusers pipeline")
+
+    if spec is not None and spec.format == "lora":
+        base = base_model or spec.base_model
+        if not base:
+            raise StepdistillError(f"LoRA export '{model}' names no base model; pass --base-model")
+        pipe = _from_pretrained(base, dtype)
+        pipe.load_lora_weights(model, weight_name=LORA_FILE, adapter_name="student")
+        if spec.lora_scale != 1.0:
+            pipe.set_adapters(["student"], [spec.lora_scale])
+    else:
+        pipe = _from_pretrained(model, dtype)
+    if spec is None:
+        spec = SamplingSpec(format="pipeline", scheduler_class=type(pipe.scheduler).__name__,
+                            scheduler_config=dict(pipe.scheduler.config), num_inference_steps=25, guidance_scale=7.5)
+    if scheduler is not None:
+        spec = dataclasses.replace(spec, scheduler_class=scheduler_class(scheduler).__name__, timesteps=None)
+    if guidance_scale is not None:
+        spec = dataclasses.replace(spec, guidance_scale=guidance_scale)
+    pipe.scheduler = make_scheduler(spec)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), spec
+
+
+@torch.no_grad()
+def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, steps: int | None = None,
+             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+             batch_size: int = 16):
+    """PIL images, one per prompt; image i depends only on (prompts[i], seeds[i], steps), not on batching."""
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    steps = steps or spec.num_inference_steps
+    g = spec.guidance_scale if guidance_scale is None else guidance_scale
+    size = spec.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or size, width or size
+    kwargs = {"num_inference_steps": steps}
+    explicit = (spec.timesteps or {}).get(steps)
+    if explicit is not None and "timesteps" in inspect.signature(pipe.scheduler.set_timesteps).parameters:
+        kwargs = {"timesteps": explicit}
+    device = pipe.device
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        latents = torch.stack([
+            torch.randn((pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+                        generator=gen) for gen in gens]).to(device=device, dtype=pipe.unet.dtype)
+        out = pipe(prompt=list(prompts[i:i + batch_size]), guidance_scale=g, height=height, width=width,
+                   latents=latents, output_type="pil", **kwargs)
+        images.extend(out.images)
+    return images

@@ -1,0 +1,383 @@
+"""The training loop, on accelerate: devices, DDP, mixed precision, accumulation, EMA, checkpoints, logging.
+
+Works the same under `stepdistill train CONFIG` and `accelerate launch -m stepdistill train CONFIG`.
+Randomness inside a step comes from a generator seeded by (seed, step, network, micro-batch, rank), and the
+data order from a seeded stream whose only state is a counter, so resuming from a checkpoint is exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import Config, save_config, to_dict
+from .data import BatchStream, image_to_tensor, load_source
+from .ema import EMA
+from .errors import StepdistillError
+from .models import build_student, load_teacher, load_trainable_state_dict, trainable_state_dict
+from .objectives import Batch, DistillSetup, get_objective
+from .utils import atomic_write_json, image_grid, save_image_atomic
+
+log = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainState:
+    """Step counter and data position, checkpointed with the rest."""
+
+    def __init__(self):
+        self.step = 0
+        self.drawn = 0
+
+    def state_dict(self):
+        return {"step": self.step, "drawn": self.drawn}
+
+    def load_state_dict(self, state):
+        self.step, self.drawn = int(state["step"]), int(state["drawn"])
+
+
+class _StateAdapter:
+    """Lets accelerate checkpoint an object through state_dict / load_state_dict."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def state_dict(self):
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state):
+        self.obj.load_state_dict(state)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(run_dir)
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise StepdistillError(f"train.resume '{resume}' is not a complete checkpoint folder "
+                               "(use 'latest' or a runs/NAME/checkpoints/checkpoint-N folder)")
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.cfg = cfg
+        tc = cfg.train
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU") == "1"
+        mixed = "no" if cpu else tc.mixed_precision
+        if cpu and tc.mixed_precision != "no":
+            log.warning("train.mixed_precision=%s ignored on CPU (bf16/fp16 are far slower there); using fp32",
+                        tc.mixed_precision)
+        self.run_dir = Path(tc.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=mixed, cpu=cpu, project_dir=str(self.run_dir),
+            log_with=list(tc.trackers) or None,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+        acc = self.accelerator
+        self.device = acc.device
+        torch.manual_seed(tc.seed)
+
+        self.teacher = load_teacher(cfg.model, self.device)
+        self.student = build_student(self.teacher, cfg.student)
+        objective_cls = get_objective(cfg.objective.name)
+        options = objective_cls.parse_options(cfg.objective.options)
+        self.setup = DistillSetup(self.teacher, self.student, cfg.student.type, tc.lr, cfg.data.resolution, self.device)
+        self.objective = objective_cls(self.setup, options)
+        self.data = load_source(cfg.data, objective_cls.needs_images)
+
+        self.networks = self.objective.networks()
+        from diffusers.optimization import get_scheduler
+
+        modules, optimizers, schedulers = [], [], []
+        for name, net in self.networks.items():
+            params = [p for p in net.module.parameters() if p.requires_grad]
+            if not params:
+                raise StepdistillError(f"objective '{cfg.objective.name}' network '{name}' has nothing to train")
+            opt = torch.optim.AdamW(params, lr=net.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
+            updates = math.ceil(tc.max_steps / net.update_every)
+            sched = get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps, num_training_steps=updates)
+            modules.append(net.module)
+            optimizers.append(opt)
+            schedulers.append(sched)
+        prepared = acc.prepare(*modules, *optimizers, *schedulers)
+        n = len(modules)
+        self.wrapped = dict(zip(self.networks, prepared[:n]))
+        self.optimizers = dict(zip(self.networks, prepared[n:2 * n]))
+        self.schedulers = dict(zip(self.networks, prepared[2 * n:]))
+        self.objective.use_wrapped(self.wrapped)
+        self._trained_names = [{n for n, p in m.named_parameters() if p.requires_grad} for m in modules]
+
+        self.state = TrainState()
+        self.ema = EMA(self.student, tc.ema_decay) if tc.ema_decay > 0 else None
+        acc.register_for_checkpointing(self.state, _StateAdapter(self.objective))
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+        self.stream = BatchStream(len(self.data), tc.batch_size, tc.seed, acc.process_index, acc.num_processes)
+        self._uncond = None
+
+    # --- checkpoint hooks: only trained weights are written (a LoRA checkpoint holds just the adapter) -------
+    def _save_hook(self, models, weights, output_dir):
+        for i, model in enumerate(models):
+            # keys without the DDP "module." prefix, so a checkpoint resumes under any process count
+            weights[i] = {_strip_ddp(k): v.contiguous() for k, v in weights[i].items()
+                          if _strip_ddp(k) in self._trained_names[i]}
+
+    def _load_hook(self, models, input_dir):
+        from safetensors.torch import load_file
+
+        originals = list(models)
+        models.clear()  # accelerate loads nothing itself; we load the trained subset, strictly
+        for i, model in enumerate(originals):
+            path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
+            try:
+                state = load_file(str(path), device=str(self.device))
+            except Exception as err:
+                raise StepdistillError(f"checkpoint '{input_dir}' is corrupt or incomplete ({path.name}: {err})") from None
+            load_trainable_state_dict(self.accelerator.unwrap_model(model), state, f"checkpoint '{input_dir}'")
+
+    # --- batches ---------------------------------------------------------------------------------------------
+    def _batch(self, gen: torch.Generator) -> Batch:
+        idx = self.stream.next_indices()
+        items = [self.data[i] for i in idx]
+        prompts = [it["caption"] for it in items]
+        enc = self.teacher.prompt_encoder
+        cond = enc(prompts, self.cfg.data.resolution)
+        if self._uncond is None:
+            self._uncond = enc([""], self.cfg.data.resolution)
+        uncond = self._uncond.map(lambda t: t.expand(len(prompts), *t.shape[1:]))
+        latents = None
+        if items[0]["image"] is not None:
+            pixels = torch.stack([image_to_tensor(it["image"], self.cfg.data.resolution, self.cfg.data.center_crop)
+                                  for it in items])
+            if self.cfg.data.random_flip:
+                flip = torch.rand(len(items), generator=gen, device=gen.device) < 0.5
+                pixels = torch.where(flip.cpu()[:, None, None, None], pixels.flip(-1), pixels)
+            vae = self.teacher.vae
+            with torch.no_grad():
+                dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+                latents = dist.sample(generator=gen).float() * self.teacher.latent_scale
+        return Batch(prompts, cond, uncond, latents)
+
+    def _generator(self, step: int, network_index: int, micro: int) -> torch.Generator:
+        seed = (((self.cfg.train.seed * 1_000_003 + step) * 31 + network_index) * 131 + micro) * 4099 + self.accelerator.process_index
+        return torch.Generator(device=self.device).manual_seed(seed % (2**63))
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def train(self) -> Path:
+        acc, tc = self.accelerator, self.cfg.train
+        self._prepare_run_dir()
+        resume = resolve_resume(self.run_dir, tc.resume)
+        if resume is not None:
+            acc.load_state(str(resume))
+            acc.print(f"resumed from {resume} at step {self.state.step}")
+        elif tc.resume == "latest":
+            acc.print("train.resume=latest: no checkpoint yet, starting from scratch")
+        self.stream.drawn = self.state.drawn
+        if tc.trackers:
+            acc.init_trackers(self.cfg.name, config=_flat(to_dict(self.cfg)))
+        progress = None
+        if tc.progress and acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
+        t0, steps_done = time.time(), 0
+        while self.state.step < tc.max_steps:
+            logs = self._train_step()
+            self.state.step += 1
+            self.state.drawn = self.stream.drawn
+            steps_done += 1
+            step = self.state.step
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                logs.update(step=step, it_per_s=steps_done / (time.time() - t0),
+                            lr={n: s.get_last_lr()[0] for n, s in self.schedulers.items()})
+                self._log(logs)
+            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+                self.save_checkpoint()
+            if tc.sample_every and step % tc.sample_every == 0 and step != tc.max_steps:
+                self.sample_grid(step)
+        if progress is not None:
+            progress.close()
+        self.sample_grid(self.state.step)
+        self.finish()
+        acc.end_training()
+        return self.run_dir
+
+    def _train_step(self) -> dict:
+        acc, tc = self.accelerator, self.cfg.train
+        step = self.state.step
+        logs = {}
+        for k, (name, net) in enumerate(self.networks.items()):
+            if step % net.update_every:
+                continue
+            wrapped, opt = self.wrapped[name], self.optimizers[name]
+            totals: dict[str, float] = {}
+            for micro in range(tc.grad_accum):
+                batch = self._batch(self._generator(step, k, micro))
+                gen = self._generator(step, k, micro + 1000)
+                sync = micro == tc.grad_accum - 1
+                with (acc.no_sync(wrapped) if not sync else _null()), acc.autocast():
+                    losses = self.objective.losses(name, batch, gen)
+                    acc.backward(losses["loss"] / tc.grad_accum)
+                for key, v in losses.items():
+                    totals[key] = totals.get(key, 0.0) + float(v.detach()) / tc.grad_accum
+            if tc.max_grad_norm > 0:
+                norm = acc.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad], tc.max_grad_norm)
+                totals["grad_norm"] = float(norm)
+            opt.step()
+            self.schedulers[name].step()
+            opt.zero_grad(set_to_none=True)
+            self.objective.after_update(name)
+            if name == "student" and self.ema is not None:
+                self.ema.update(self.student)
+            for key, v in totals.items():
+                logs[key if name == "student" else f"{name}/{key}"] = v
+        if not math.isfinite(logs.get("loss", 0.0)):
+            raise StepdistillError(f"loss became {logs['loss']} at step {step}; lower train.lr or check the data")
+        return logs
+
+    def _log(self, logs: dict) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(logs) + "\n")
+        if self.cfg.train.trackers:
+            acc.log({k: v for k, v in logs.items() if isinstance(v, (int, float))}, step=logs["step"])
+
+    def _prepare_run_dir(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            atomic_write_json(self.run_dir / "run.json", {"name": self.cfg.name, "teacher": self.cfg.model.teacher,
+                                                          "objective": self.cfg.objective.name,
+                                                          "student": self.cfg.student.type,
+                                                          "processes": acc.num_processes})
+            atomic_write_json(self.run_dir / "sampling_spec.json", self.objective.sampling_spec().to_json())
+        acc.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path:
+        """Written to a temporary folder and renamed, so a crash never leaves a complete-looking checkpoint."""
+        acc, tc = self.accelerator, self.cfg.train
+        root = self.run_dir / "checkpoints"
+        final = root / f"checkpoint-{self.state.step}"
+        tmp = root / f".checkpoint-{self.state.step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_write_json(tmp / "trainer_state.json", self.state.state_dict())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in list_checkpoints(self.run_dir)[:-tc.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def student_for_export(self):
+        """The weights to export: the EMA shadow when train.ema_decay > 0, else the live student."""
+        return self.ema.shadow if self.ema is not None else self.student
+
+    def sample_grid(self, step: int) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        from .sampling import generate, make_scheduler
+        from .export import pipeline_with_unet
+
+        spec = self.objective.sampling_spec()
+        prompts = self.cfg.train.sample_prompts or _default_prompts(self.data)
+        unet = self.student_for_export()
+        was_training = unet.training
+        unet.eval()
+        pipe = pipeline_with_unet(self.teacher, unet, make_scheduler(spec))
+        images = generate(pipe, spec, prompts, list(range(len(prompts))), height=self.cfg.data.resolution,
+                          width=self.cfg.data.resolution)
+        unet.train(was_training)
+        path = self.run_dir / "samples" / f"step_{step:06d}_{spec.num_inference_steps}steps.png"
+        save_image_atomic(image_grid(images), path)
+        return path
+
+    def finish(self) -> None:
+        """Final trained weights in run_dir/final, then the export the config asks for."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        from safetensors.torch import save_file
+
+        from .export import export_student
+        from .utils import atomic_directory
+
+        unet = self.student_for_export()
+        trained = trainable_state_dict(self.student)  # names of the trained weights; values from `unet`
+        values = dict(unet.named_parameters())
+        with atomic_directory(self.run_dir / "final") as tmp:
+            save_file({k: values[k].detach().contiguous().cpu() for k in trained}, str(tmp / "student.safetensors"))
+            atomic_write_json(tmp / "trainer_state.json", self.state.state_dict())
+        fmt = self.cfg.train.export
+        if fmt == "auto":
+            fmt = self.cfg.student.type
+        if fmt != "none":
+            out = export_student(self.teacher, unet, self.objective.sampling_spec(), fmt, self.run_dir / "export",
+                                 student_type=self.cfg.student.type, name=self.cfg.name)
+            acc.print(f"export ({fmt}): {out}")
+
+
+def _strip_ddp(key: str) -> str:
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _default_prompts(data, n: int = 16) -> list[str]:
+    step = max(1, len(data) // n)
+    return [data[i * step]["caption"] for i in range(min(n, len(data)))]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(cfg: Config) -> Path:
+    return Trainer(cfg).train()

@@ -325,12 +325,22 @@ class Trainer:
         save_image_atomic(image_grid(images), path)
         return path
 
+    def replica_checksums(self) -> list[float]:
+        """One number per process summarising its trained weights: equal numbers = replicas in sync."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for i, p in enumerate(trainable_state_dict(self.student).values()):
+            total += (p.double() * (1 + (torch.arange(p.numel(), device=p.device) % 97).reshape(p.shape))).sum() * (i + 1)
+        return [float(v) for v in self.accelerator.gather(total).cpu()]
+
     def finish(self) -> None:
         """Final trained weights in run_dir/final, then the export the config asks for."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        checksums = self.replica_checksums()
         if not acc.is_main_process:
             return
+        if len(set(checksums)) > 1:
+            log.warning("replicas diverged: trained-weight checksums %s", checksums)
         from safetensors.torch import save_file
 
         from .export import export_student
@@ -341,7 +351,7 @@ class Trainer:
         values = dict(unet.named_parameters())
         with atomic_directory(self.run_dir / "final") as tmp:
             save_file({k: values[k].detach().contiguous().cpu() for k in trained}, str(tmp / "student.safetensors"))
-            atomic_write_json(tmp / "trainer_state.json", self.state.state_dict())
+            atomic_write_json(tmp / "trainer_state.json", {**self.state.state_dict(), "replica_checksums": checksums})
         fmt = self.cfg.train.export
         if fmt == "auto":
             fmt = self.cfg.student.type

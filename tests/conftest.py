@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline folder (32x32 images, 8x8x4 latents)."""
+    from stepdistill.testing import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipe"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from stepdistill.testing import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl") / "pipe", sdxl=True))
+
+
+def run_config(teacher, out, **overrides):
+    """A small consistency-LoRA config on the shapes data for `teacher`."""
+    from stepdistill.config import load_config
+
+    base = {"model.teacher": teacher, "train.output_dir": str(out), "train.max_steps": 4, "train.batch_size": 4,
+            "train.progress": False, "train.checkpoint_every": 2, "train.log_every": 1,
+            "train.sample_prompts": ["a small red circle at the center on a black background"],
+            "train.export": "none", "data.max_samples": 64, "student.lora_rank": 4, "student.lora_alpha": 8,
+            "objective.options.num_ddim_timesteps": 10}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])

@@ -1,0 +1,161 @@
+"""The consistency objective's loss and gradients against an independent hand-written LCM computation."""
+import math
+
+import pytest
+import torch
+
+from stepdistill.config import ModelConfig, StudentConfig
+from stepdistill.models import build_student, load_teacher
+from stepdistill.objectives import Batch, DistillSetup, get_objective
+
+
+def _setup(teacher_path, student_type, **student_kwargs):
+    torch.manual_seed(0)
+    teacher = load_teacher(ModelConfig(teacher=teacher_path), "cpu")
+    student = build_student(teacher, StudentConfig(type=student_type, lora_rank=4, lora_alpha=8, **student_kwargs))
+    if student_type == "lora":  # LoRA B starts at zero; perturb so student != teacher and the test means something
+        with torch.no_grad():
+            for n, p in student.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    return teacher, student
+
+
+def _batch(teacher):
+    g = torch.Generator().manual_seed(1)
+    prompts = ["a red circle", "a blue square", "green", ""]
+    cond = teacher.prompt_encoder(prompts)
+    uncond = teacher.prompt_encoder([""] * 4)
+    return Batch(prompts, cond, uncond, torch.randn(4, 4, 8, 8, generator=g))
+
+
+def _hand_written_lcm_loss(teacher_unet, student_call, target_call, alphas_cumprod, batch, gen, o):
+    """LCM's loss written out from the paper/reference script, with the diffusers scheduler's alphas_cumprod."""
+    T, N = 1000, o["num_ddim_timesteps"]
+    k = T // N
+    ddim_timesteps = torch.arange(1, N + 1) * k - 1
+    b = batch.latents.shape[0]
+    # same draws, same order as the objective: timestep index, noise, guidance weight
+    t = ddim_timesteps[torch.randint(0, N, (b,), generator=gen)]
+    noise = torch.randn(batch.latents.shape, generator=gen)
+    w = o["w_min"] + (o["w_max"] - o["w_min"]) * torch.rand(b, generator=gen)
+    t_prev = torch.clamp(t - k, min=0)
+    a = lambda tt: alphas_cumprod[tt].sqrt().view(-1, 1, 1, 1)  # noqa: E731
+    s = lambda tt: (1 - alphas_cumprod[tt]).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+
+    def scalings(tt):
+        st = tt.float() * 10.0
+        return (0.25 / (st**2 + 0.25)).view(-1, 1, 1, 1), (st / (st**2 + 0.25) ** 0.5).view(-1, 1, 1, 1)
+
+    x_t = a(t) * batch.latents + s(t) * noise
+    eps = student_call(x_t, t, batch.cond.embeds, w)
+    x0 = (x_t - s(t) * eps) / a(t)
+    cs, co = scalings(t)
+    pred = cs * x_t + co * x0
+    with torch.no_grad():
+        eps_c = teacher_unet(x_t, t, encoder_hidden_states=batch.cond.embeds).sample
+        eps_u = teacher_unet(x_t, t, encoder_hidden_states=batch.uncond.embeds).sample
+        wv = w.view(-1, 1, 1, 1)
+        eps_g = eps_c + wv * (eps_c - eps_u)
+        x0_g = (x_t - s(t) * eps_g) / a(t)
+        x_prev = a(t_prev) * x0_g + s(t_prev) * eps_g
+        eps_tgt = target_call(x_prev, t_prev, batch.cond.embeds, w)
+        x0_tgt = (x_prev - s(t_prev) * eps_tgt) / a(t_prev)
+        cs_p, co_p = scalings(t_prev)
+        target = cs_p * x_prev + co_p * x0_tgt
+    c = o["huber_c"]
+    return (torch.sqrt((pred - target) ** 2 + c * c) - c).mean()
+
+
+OPTS = dict(num_ddim_timesteps=20, w_min=2.0, w_max=6.0, loss="huber", huber_c=0.001)
+
+
+def test_consistency_lora_loss_and_grads_match_hand_written(tiny_sd):
+    from diffusers import DDIMScheduler
+
+    teacher, student = _setup(tiny_sd, "lora")
+    cls = get_objective("consistency")
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(OPTS))
+    batch = _batch(teacher)
+    loss = obj.losses("student", batch, torch.Generator().manual_seed(7))["loss"]
+    params = [p for p in student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+
+    ac = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").alphas_cumprod
+    unet = teacher.unet
+
+    def student_call(x, t, emb, w):  # LoRA student: adapters on
+        unet.enable_adapters()
+        return unet(x, t, encoder_hidden_states=emb).sample
+
+    class TeacherView:  # the frozen base: adapters off
+        def __call__(self, *args, **kwargs):
+            unet.disable_adapters()
+            try:
+                return unet(*args, **kwargs)
+            finally:
+                unet.enable_adapters()
+
+    ref = _hand_written_lcm_loss(TeacherView(), student_call, student_call, ac, batch,
+                                 torch.Generator().manual_seed(7), OPTS)
+    for p in params:  # peft's enable/disable toggles requires_grad; the objective's own call already ran
+        p.requires_grad_(True)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert math.isfinite(loss.item()) and loss.item() > 0
+    assert abs(loss.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
+    for g, rg in zip(grads, ref_grads):  # fp32 op-order noise only: relative to the gradient's scale
+        assert (g - rg).abs().max() <= 1e-3 * rg.abs().max() + 1e-8
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_consistency_full_student_with_guidance_embedding_uses_ema_target(tiny_sd):
+    from diffusers import DDIMScheduler
+
+    from stepdistill.denoiser import guidance_scale_embedding
+
+    teacher, student = _setup(tiny_sd, "full", guidance_embedding=True, guidance_embedding_dim=32)
+    with torch.no_grad():  # make student, target and teacher all different
+        student.time_embedding.cond_proj.weight.normal_(0, 0.02)
+    cls = get_objective("consistency")
+    obj = cls(DistillSetup(teacher, student, "full", 1e-4, 32, torch.device("cpu")), cls.parse_options(OPTS))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = _batch(teacher)
+    loss = obj.losses("student", batch, torch.Generator().manual_seed(3))["loss"]
+
+    ac = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").alphas_cumprod
+    call = lambda net: (lambda x, t, emb, w: net(x, t, encoder_hidden_states=emb,  # noqa: E731
+                                                  timestep_cond=guidance_scale_embedding(w, 32)).sample)
+    ref = _hand_written_lcm_loss(teacher.unet, call(student), call(obj.ema.shadow), ac, batch,
+                                 torch.Generator().manual_seed(3), OPTS)
+    assert abs(loss.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
+    # the EMA target moves towards the student after an update
+    before = obj.ema.shadow.conv_in.weight.clone()
+    obj.after_update("student")
+    expected = before + (1 - OPTS.get("ema_decay", 0.95)) * (student.conv_in.weight - before)
+    assert torch.allclose(obj.ema.shadow.conv_in.weight, expected, atol=1e-7)
+
+
+def test_consistency_sampling_spec_uses_lcm_grid(tiny_sd):
+    teacher, student = _setup(tiny_sd, "lora")
+    cls = get_objective("consistency")
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")),
+              cls.parse_options({**OPTS, "num_inference_steps": 4}))
+    spec = obj.sampling_spec()
+    assert spec.scheduler_class == "LCMScheduler" and spec.guidance_scale == 1.0
+    # the student's timesteps lie on the training grid (k = 1000 / 20 = 50: 49, 99, ...)
+    grid = set((torch.arange(1, 21) * 50 - 1).tolist())
+    for n, ts in spec.timesteps.items():
+        assert len(ts) == n and set(ts) <= grid
+    assert spec.timesteps[1] == [999]
+
+
+@pytest.mark.parametrize("loss", ["l2", "huber"])
+def test_distance_primitives(loss):
+    from stepdistill.losses import distance
+
+    a, b = torch.zeros(2, 3), torch.tensor([[3.0, 0, 0], [0, 0, 0]])
+    d = distance(a, b, loss, huber_c=1.0)
+    expected = [3.0, 0.0] if loss == "l2" else [(math.sqrt(10) - 1) / 3, 0.0]
+    assert torch.allclose(d, torch.tensor(expected))

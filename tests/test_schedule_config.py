@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from stepdistill.config import load_config
+from stepdistill.errors import StepdistillError
+from stepdistill.schedule import FlowSchedule, VPSchedule
+
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def test_vp_schedule_matches_diffusers_alphas_cumprod():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    for cfg in (SD_SCHEDULER, dict(beta_schedule="linear"), dict(beta_schedule="squaredcos_cap_v2")):
+        ours = VPSchedule.from_scheduler_config(cfg).alphas_cumprod.float()
+        assert torch.allclose(ours, DDPMScheduler(**cfg).alphas_cumprod, atol=1e-7)
+        assert torch.allclose(ours, DDIMScheduler(**cfg).alphas_cumprod, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_vp_conversions_round_trip(kind):
+    torch.manual_seed(0)
+    sched = VPSchedule.from_scheduler_config({**SD_SCHEDULER, "prediction_type": kind})
+    x0, eps = torch.randn(5, 4, 8, 8), torch.randn(5, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    x_t = sched.add_noise(x0, eps, t)
+    out = sched.from_x0_eps(x0, eps, t, kind)
+    x0_back, eps_back = sched.to_x0_eps(out, x_t, t)
+    assert torch.allclose(x0_back, x0, atol=2e-4) and torch.allclose(eps_back, eps, atol=2e-4)
+
+
+def test_v_prediction_matches_diffusers_velocity():
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(0)
+    ref = DDPMScheduler(**SD_SCHEDULER, prediction_type="v_prediction")
+    sched = VPSchedule.from_scheduler_config({**SD_SCHEDULER, "prediction_type": "v_prediction"})
+    x0, eps, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([5, 400, 990])
+    assert torch.allclose(sched.from_x0_eps(x0, eps, t, "v_prediction"), ref.get_velocity(x0, eps, t), atol=1e-5)
+    assert torch.allclose(sched.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), atol=1e-5)
+
+
+def test_flow_conversions_round_trip():
+    sched = FlowSchedule(shift=3.0)
+    x0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([1, 250, 750, 999])
+    x_t = sched.add_noise(x0, eps, t)
+    x0_back, eps_back = sched.to_x0_eps(eps - x0, x_t, t)
+    assert torch.allclose(x0_back, x0, atol=1e-5) and torch.allclose(eps_back, eps, atol=1e-5)
+    # the shifted sigma grows with t and is 1 at t = T
+    s = sched.sigma(torch.tensor([0, 500, 1000]))
+    assert s[0] == 0 and s[1] == pytest.approx(0.75) and s[2] == pytest.approx(1.0)
+
+
+def test_ddim_step_matches_diffusers_ddim():
+    from diffusers import DDIMScheduler
+
+    torch.manual_seed(0)
+    ref = DDIMScheduler(**SD_SCHEDULER, clip_sample=False, set_alpha_to_one=False, timestep_spacing="trailing")
+    ref.set_timesteps(4)
+    sched = VPSchedule.from_scheduler_config(SD_SCHEDULER)
+    x_t, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, t_next = int(ref.timesteps[0]), int(ref.timesteps[1])
+    expected = ref.step(eps, t, x_t).prev_sample
+    x0, eps_ = sched.to_x0_eps(eps, x_t, torch.tensor([t, t]))
+    assert torch.allclose(sched.ddim_step(x0, eps_, torch.tensor([t_next, t_next])), expected, atol=1e-5)
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+def test_defaults_and_overrides_are_typed(tmp_path):
+    cfg = load_config(None, ["train.max_steps=12", "train.lr=3e-4", "student.type=full",
+                             "objective.options.w_max=6", "train.sample_prompts=[a, b]"])
+    assert cfg.train.max_steps == 12 and cfg.train.lr == 3e-4 and cfg.student.type == "full"
+    assert cfg.objective.options["w_max"] == 6 and cfg.train.sample_prompts == ["a", "b"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz' (did you mean 'max_steps'?)"),
+    ("train.max_steps=lots", "config key 'train.max_steps' must be an integer, got 'lots'"),
+    ("train.max_steps=0", "config key 'train.max_steps' must be > 0"),
+    ("student.type=half", "config key 'student.type' must be one of 'lora' | 'full', got 'half'"),
+    ("objective.name=dmdx", "unknown objective 'dmdx'"),
+    ("objective.options.w_maxx=3", "unknown config key 'objective.options.w_maxx'"),
+    ("objective.options.w_min=9", "w_min <= w_max"),
+    ("train.ema_decay=1.5", "train.ema_decay' must be in [0, 1)"),
+    ("student.guidance_embedding=true", "needs student.type=full"),
+    ("nonsense", "must look like key.sub=value"),
+])
+def test_bad_config_gives_one_line_error(override, message):
+    with pytest.raises(StepdistillError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(StepdistillError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(StepdistillError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("train: 3\n")
+    with pytest.raises(StepdistillError, match="section 'train' must be a mapping"):
+        load_config(bad)
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

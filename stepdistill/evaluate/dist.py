@@ -20,7 +20,9 @@ class Dist:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             from accelerate import PartialState
 
-            self.state = PartialState(cpu=str(device) == "cpu" if device else False)
+            # PartialState ignores ACCELERATE_USE_CPU (only AcceleratorState reads it): pass it on ourselves
+            cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or str(device) == "cpu"
+            self.state = PartialState(cpu=cpu)
             self.rank, self.world = self.state.process_index, self.state.num_processes
 
     @property

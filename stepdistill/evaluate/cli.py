@@ -3,11 +3,11 @@
 Wiring (stepdistill/cli.py)::
 
     from stepdistill.evaluate import cli as evaluate_cli
-    evaluate_cli.add_parser(subparsers)             # registers "evaluate", set_defaults(func=evaluate_cli.run)
-    evaluate_cli.add_fid_stats_parser(subparsers)   # registers "fid-stats", set_defaults(func=evaluate_cli.run_fid_stats)
-    # or both at once: evaluate_cli.register(subparsers)
+    evaluate_cli.add_parser(subparsers)   # registers BOTH "evaluate" (func=run) and "fid-stats" (func=run_fid_stats)
     ...
-    return args.func(args)                          # each returns an int exit code; raises StepdistillError
+    return args.func(args)                # each returns an int exit code; raises StepdistillError
+
+(``add_evaluate_parser`` / ``add_fid_stats_parser`` register one each, for a CLI that wants them apart.)
 
 Standalone (no top-level CLI needed): ``python -m stepdistill.evaluate evaluate ...`` / ``... fid-stats ...``.
 
@@ -91,6 +91,13 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(subparsers):
+    """Register `evaluate` and `fid-stats`; returns the evaluate parser."""
+    p = add_evaluate_parser(subparsers)
+    add_fid_stats_parser(subparsers)
+    return p
+
+
+def add_evaluate_parser(subparsers):
     p = subparsers.add_parser("evaluate", help="FID, CLIP score and speed across step counts",
                               description="Generate with one or more models at several step counts and report "
                                           "FID, CLIP score, attribute accuracy (shapes world) and speed.")
@@ -118,9 +125,7 @@ def add_fid_stats_parser(subparsers):
     return p
 
 
-def register(subparsers):
-    add_parser(subparsers)
-    add_fid_stats_parser(subparsers)
+register = add_parser
 
 
 def options_from_args(args):

@@ -37,6 +37,17 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # ----------------------------------------------------------------------------------------------------------------
 # the Frechet distance
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    import warnings
+
+    from scipy import linalg
+
+    with warnings.catch_warnings():  # "matrix is singular" is handled by the caller (eps offset)
+        warnings.simplefilter("ignore")
+        out = linalg.sqrtm(a)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
@@ -56,10 +67,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             f"FID statistics have different dimensions ({mu1.shape[0]} vs {mu2.shape[0]} features); "
             "compute both with the same --backbone")
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             m = np.max(np.abs(covmean.imag))

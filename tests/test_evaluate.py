@@ -1,0 +1,387 @@
+"""stepdistill evaluate: Frechet distance, FID statistics, CLIP score, prompts, generation (resume, 2 processes).
+
+Fast, CPU, offline. A tiny random StableDiffusionPipeline (16x16 images) is built from configs; the shapes world's
+evaluation models are used where assets/shapes-eval is present (skipped with a reason otherwise).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stepdistill.errors import StepdistillError
+from stepdistill.evaluate import fid as fidmod
+from stepdistill.evaluate.fid import FeatureStats, frechet_distance
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shapes_models() -> bool:
+    from stepdistill.evaluate.core import shapes_eval_available
+
+    if not shapes_eval_available():
+        return False
+    from stepdistill import shapes_eval
+
+    return (Path(shapes_eval.EVAL_DIR) / shapes_eval.CLIP_CONFIG).is_file()
+
+
+needs_shapes = pytest.mark.skipif(not _shapes_models(), reason="shapes evaluation models (assets/shapes-eval) "
+                                                                 "not built yet")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a tiny pipeline, no downloads
+def _write_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    tokens = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"] + chars + [c + "</w>" for c in chars]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), bos_token="<|startoftext|>",
+                        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>",
+                        model_max_length=77)
+    return tok, len(tokens)
+
+
+def build_tiny_pipeline(path: Path, seed: int = 0) -> str:
+    """A tiny random SD pipeline folder: 16x16 images, 8x8x4 latents."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok, vocab = _write_tokenizer(Path(str(path) + "-tok"))
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        norm_num_groups=8, layers_per_block=1, sample_size=16,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
+    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
+                                      intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                      vocab_size=vocab, max_position_embeddings=77))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Frechet distance
+def _features(seed, n=200, d=16, shift=0.0):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    return rng.normal(size=(n, d)) @ a + shift
+
+
+def test_frechet_distance_matches_independent_scipy():
+    from scipy import linalg
+
+    f1, f2 = _features(0), _features(1, shift=0.3)
+    mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
+    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    # independent formulation: Tr sqrt(S1^1/2 S2 S1^1/2) via a symmetric eigendecomposition
+    r1 = linalg.sqrtm(s1).real
+    w = linalg.eigvalsh(r1 @ s2 @ r1)
+    expected = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(np.clip(w, 0, None))))
+    got = frechet_distance(mu1, s1, mu2, s2)
+    assert got == pytest.approx(expected, rel=1e-6)
+    st1 = FeatureStats.from_features(f1, "test")
+    st2 = FeatureStats.from_features(f2, "test")
+    assert st1.fid(st2) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_self_is_zero_and_handles_singular():
+    f = _features(2)
+    st = FeatureStats.from_features(f, "test")
+    assert abs(frechet_distance(st.mu, st.sigma, st.mu, st.sigma)) < 1e-6
+    # fewer samples than dimensions: singular covariances still give a finite, real value
+    g1, g2 = _features(3, n=5, d=32), _features(4, n=5, d=32)
+    a, b = FeatureStats.from_features(g1, "t"), FeatureStats.from_features(g2, "t")
+    v = a.fid(b)
+    assert np.isfinite(v) and v > 0
+    with pytest.raises(StepdistillError):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_fid_matches_torchmetrics_with_custom_feature_module():
+    import torch
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    class Feat(torch.nn.Module):
+        num_features = 12
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = torch.nn.Linear(3 * 8 * 8, 12)
+
+        def forward(self, x):
+            return self.proj(x.float().flatten(1) / 255.0)
+
+    net = Feat().eval()
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(rng.integers(0, 256, (64, 3, 8, 8), dtype=np.uint8))
+    fake = torch.from_numpy(rng.integers(40, 200, (64, 3, 8, 8), dtype=np.uint8))
+    tm = FrechetInceptionDistance(feature=net)
+    tm.update(real, real=True)
+    tm.update(fake, real=False)
+    expected = float(tm.compute())
+    bb = fidmod.Backbone("feat", net, 8, 12)
+    got = FeatureStats.from_features(bb.features(real.numpy()), "feat").fid(
+        FeatureStats.from_features(bb.features(fake.numpy()), "feat"))
+    assert got == pytest.approx(expected, rel=1e-3)
+
+
+def test_stats_npz_roundtrip_and_backbone_mismatch(tmp_path):
+    st = FeatureStats.from_features(_features(5), "shapes-encoder", 32, "x")
+    st.save(tmp_path / "s.npz")
+    back = FeatureStats.load(tmp_path / "s.npz")
+    assert back.n == 200 and back.backbone == "shapes-encoder" and np.array_equal(back.sigma, st.sigma)
+    other = FeatureStats.from_features(_features(6), "inception-v3-2048")
+    with pytest.raises(StepdistillError, match="backbone"):
+        back.fid(other)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(StepdistillError):
+        FeatureStats.load(tmp_path / "bad.npz")
+
+
+def test_preprocess_center_crops_and_resizes_bicubic():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 10, 20))  # a blue left band that the center crop removes
+    x = fidmod.preprocess(img, 8)
+    assert x.shape == (3, 8, 8) and x.dtype == np.uint8
+    assert x[2].max() == 0 and x[0].min() == 255
+
+
+def test_inception_without_weights_is_a_clear_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("STEPDISTILL_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(StepdistillError) as e:
+        fidmod.load_backbone("inception")
+    msg = str(e.value)
+    assert "\n" not in msg and "--inception-weights" in msg
+    with pytest.raises(StepdistillError, match="does not exist"):
+        fidmod.load_backbone("inception", inception_weights=str(tmp_path / "missing.pth"))
+
+
+def test_inception_backbone_loads_local_weights(tmp_path, monkeypatch):
+    """torchmetrics' 2048-d Inception from a local weights file (random weights written here: same format)."""
+    pytest.importorskip("torch_fidelity")
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    torch.manual_seed(0)
+    sd = fe.FeatureExtractorInceptionV3("x", ["2048"]).state_dict()
+    monkeypatch.undo()
+    path = tmp_path / "inception.pth"
+    torch.save(sd, path)
+    bb = fidmod.load_backbone("inception", inception_weights=str(path))
+    assert bb.name == "inception-v3-2048" and bb.image_size == 299
+    imgs = np.stack([fidmod.preprocess(Image.new("RGB", (64, 48), c), bb.image_size) for c in ((0, 0, 0), (250, 9, 9))])
+    f = bb.features(imgs)
+    assert f.shape == (2, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+def test_prompt_files(tmp_path):
+    from stepdistill.evaluate.prompts import load_prompts
+
+    (tmp_path / "p.txt").write_text("a cat\n\n# comment\na dog\n")
+    assert load_prompts(str(tmp_path / "p.txt")).prompts == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text('{"caption": "x", "id": 1}\n"y"\n')
+    assert load_prompts(str(tmp_path / "p.jsonl")).prompts == ["x", "y"]
+    (tmp_path / "p.csv").write_text("id,text,other\n1,hello,zz\n2,world,zz\n")
+    assert load_prompts(str(tmp_path / "p.csv")).prompts == ["hello", "world"]
+    assert load_prompts(str(tmp_path / "p.csv"), column="other").prompts == ["zz", "zz"]
+    with pytest.raises(StepdistillError, match="--prompt-column"):
+        load_prompts(str(tmp_path / "p.csv"), column="nope")
+    with pytest.raises(StepdistillError):
+        load_prompts(str(tmp_path / "missing.txt"))
+    ps = load_prompts("shapes:test", num=5)
+    assert ps.shapes_split == "test" and len(ps.take(7)) == 7 and ps.take(7)[5] == ps.prompts[0]
+
+
+def test_coco_subset_is_seeded_one_caption_per_image(tmp_path):
+    from stepdistill.evaluate.prompts import load_prompts
+
+    ann = {"images": [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in range(50)],
+           "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"image {i} caption {k}"}
+                           for i in range(50) for k in range(5)]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(ann))
+    a = load_prompts(str(tmp_path / "captions_val2014.json"), coco_subset_size=20, seed=3)
+    b = load_prompts(str(tmp_path / "captions_val2014.json"), coco_subset_size=20, seed=3)
+    c = load_prompts(str(tmp_path / "captions_val2014.json"), coco_subset_size=20, seed=4)
+    assert a.prompts == b.prompts and a.prompts != c.prompts and len(a.prompts) == 20
+    ids = [im["id"] for im in a.coco_images]
+    assert len(set(ids)) == 20
+    assert all(p.startswith(f"image {i} ") for p, i in zip(a.prompts, ids))
+    assert len(load_prompts(str(tmp_path / "captions_val2014.json")).prompts) == 250
+    with pytest.raises(StepdistillError, match="larger"):
+        load_prompts(str(tmp_path / "captions_val2014.json"), coco_subset_size=51)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the shapes world (skipped until helper-1's evaluation models are committed)
+@needs_shapes
+def test_shapes_real_images_score_far_better_than_noise():
+    from stepdistill.data.shapes import sample
+    from stepdistill.evaluate.core import reference_stats
+    from stepdistill.evaluate.dist import Dist
+
+    bb = fidmod.load_backbone("shapes")
+    n = 256
+    ref = reference_stats("shapes:test", bb, Dist(), image_size=32, n=n, use_cache=False, log=lambda *a: None)
+    val = reference_stats("shapes:val", bb, Dist(), image_size=32, n=n, use_cache=False, log=lambda *a: None)
+    rng = np.random.default_rng(0)
+    noise = np.stack([fidmod.preprocess(Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+                                        bb.image_size) for _ in range(n)])
+    fid_noise = FeatureStats.from_features(bb.features(noise), bb.name).fid(ref)
+    fid_real = val.fid(ref)
+    assert fid_real * 5 < fid_noise, (fid_real, fid_noise)
+    # the same images against themselves
+    imgs = np.stack([fidmod.preprocess(sample("test", i, 32)["image"], bb.image_size) for i in range(n)])
+    assert FeatureStats.from_features(bb.features(imgs), bb.name).fid(ref) == pytest.approx(0, abs=1e-6)
+
+
+@needs_shapes
+def test_clip_score_ranks_matched_captions_above_shuffled():
+    from stepdistill.data.shapes import sample
+    from stepdistill.evaluate.clip_score import load_clip
+
+    scorer = load_clip("shapes")
+    items = [sample("test", i, 32) for i in range(64)]
+    images, caps = [it["image"] for it in items], [it["caption"] for it in items]
+    matched = scorer.scores(images, caps).mean()
+    shuffled = scorer.scores(images, caps[1:] + caps[:1]).mean()
+    assert matched > shuffled + 1.0, (matched, shuffled)
+    assert "shapes" in scorer.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# end to end: generation, resume, two processes
+NUM = 8
+STEPS = "1,2"
+
+
+def _eval_args(model, out, extra=()):
+    metrics = (["--clip-model", "shapes"] if _shapes_models() else ["--reference", "none", "--clip-model", "none"])
+    return ["evaluate", model, "--steps", STEPS, "--num-images", str(NUM), "--batch-size", "4",
+            "--eval-batch-size", "4", "--speed-batches", "1", "--out", str(out), "--device", "cpu", "--quiet",
+            *metrics, *extra]
+
+
+def _run_inprocess(argv):
+    from stepdistill.evaluate.cli import main
+
+    assert main(argv) == 0
+
+
+def _metrics(report):
+    keys = ("label", "steps", "nfe", "fid", "clip_score", "attribute_accuracy")
+    return [{k: r.get(k) for k in keys} for r in report["rows"]]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    os.environ.setdefault("STEPDISTILL_CACHE", str(root / "cache"))
+    model = build_tiny_pipeline(root / "tiny")
+    out = root / "single"
+    _run_inprocess(_eval_args(model, out))
+    return model, out, json.loads((out / "report.json").read_text())
+
+
+def test_evaluate_writes_images_report_plots_and_grids(evaluated):
+    model, out, report = evaluated
+    for s in (1, 2):
+        pngs = sorted((out / "tiny" / f"steps_{s}").glob("0*.png"))
+        assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(NUM)]
+        assert (out / "tiny" / f"steps_{s}" / "grid.png").is_file()
+    rows = [r for r in report["rows"] if r["role"] != "real"]
+    assert [(r["steps"], r["nfe"]) for r in rows] == [(1, 2), (2, 4)]  # guidance 7.5 -> CFG doubles NFE
+    for r in rows:
+        assert r["speed"]["ms_per_image"] > 0 and r["speed"]["timed_images"] == 4
+    md = (out / "report.md").read_text()
+    assert "| model | steps | NFE |" in md and "ms/img" in md and report["device"]
+    if _shapes_models():
+        assert (out / "fid_vs_nfe.png").is_file() and (out / "clip_vs_nfe.png").is_file()
+        assert all(r["fid"] is not None and r["clip_score"] is not None for r in rows)
+        assert report["fid"]["floor"]["fid"] >= 0
+
+
+def test_resume_half_finished_evaluation_gives_same_report(evaluated, tmp_path):
+    model, out, report = evaluated
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for f in ("report.json", "report.md"):
+        (resumed / f).unlink()
+    shutil.rmtree(resumed / "tiny" / "steps_2")
+    for i in range(4, NUM):  # the second batch of steps_1 never got written
+        (resumed / "tiny" / "steps_1" / f"{i:05d}.png").unlink()
+    (resumed / "tiny" / "steps_1" / ".00005.tmp.png").write_bytes(b"half")  # a write cut off by the kill
+    _run_inprocess(_eval_args(model, resumed))
+    again = json.loads((resumed / "report.json").read_text())
+    assert _metrics(again) == _metrics(report)
+    assert [r["generated_now"] for r in again["rows"] if r["role"] != "real"] == [4, NUM]
+    for s in (1, 2):
+        for i in range(NUM):
+            a = (out / "tiny" / f"steps_{s}" / f"{i:05d}.png").read_bytes()
+            assert a == (resumed / "tiny" / f"steps_{s}" / f"{i:05d}.png").read_bytes()
+
+
+def test_rerun_with_other_settings_refuses_to_mix_images(evaluated, tmp_path):
+    model, out, _ = evaluated
+    other = tmp_path / "other"
+    shutil.copytree(out / "tiny", other / "tiny")
+    from stepdistill.evaluate.cli import main
+
+    assert main(_eval_args(model, other, ["--guidance", "3.0", "--steps", "1"])) == 2
+
+
+def test_two_processes_give_the_same_images_and_report(evaluated, tmp_path):
+    model, out, report = evaluated
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate launcher not found beside the python executable")
+    out2 = tmp_path / "two"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO) + os.pathsep +
+           os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepdistill", *_eval_args(model, out2)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    two = json.loads((out2 / "report.json").read_text())
+    assert two["processes"] == 2
+    assert _metrics(two) == _metrics(report)
+    for s in (1, 2):
+        for i in range(NUM):
+            assert (out / "tiny" / f"steps_{s}" / f"{i:05d}.png").read_bytes() == \
+                (out2 / "tiny" / f"steps_{s}" / f"{i:05d}.png").read_bytes(), (s, i)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from stepdistill.evaluate.cli import main
+
+    assert main(["evaluate", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert main(["evaluate", str(tmp_path / "nope"), "--prompts", str(tmp_path / "none.txt"),
+                 "--out", str(tmp_path / "o")]) == 2

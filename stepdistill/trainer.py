@@ -92,8 +92,7 @@ class Trainer:
         self.run_dir = Path(tc.output_dir)
         self.accelerator = Accelerator(
             mixed_precision=mixed, cpu=cpu, project_dir=str(self.run_dir),
-            log_with=list(tc.trackers) or None,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+            log_with=list(tc.trackers) or None)
         acc = self.accelerator
         self.device = acc.device
         torch.manual_seed(tc.seed)
@@ -109,22 +108,27 @@ class Trainer:
         self.networks = self.objective.networks()
         from diffusers.optimization import get_scheduler
 
-        modules, optimizers, schedulers = [], [], []
+        modules, optimizers, schedulers, self.params = [], [], [], {}
         for name, net in self.networks.items():
-            params = [p for p in net.module.parameters() if p.requires_grad]
+            params = net.params if net.params is not None else [p for p in net.module.parameters() if p.requires_grad]
             if not params:
                 raise StepdistillError(f"objective '{cfg.objective.name}' network '{name}' has nothing to train")
+            self.params[name] = params
             opt = torch.optim.AdamW(params, lr=net.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
             updates = math.ceil(tc.max_steps / net.update_every)
             sched = get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps, num_training_steps=updates)
-            modules.append(net.module)
+            if not any(m is net.module for m in modules):  # a shared module is prepared (DDP-wrapped) once
+                modules.append(net.module)
             optimizers.append(opt)
             schedulers.append(sched)
+        # Networks sharing one module leave the other's parameters unused in a step: DDP must look for them.
+        acc.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=len(modules) < len(self.networks))
         prepared = acc.prepare(*modules, *optimizers, *schedulers)
-        n = len(modules)
-        self.wrapped = dict(zip(self.networks, prepared[:n]))
-        self.optimizers = dict(zip(self.networks, prepared[n:2 * n]))
-        self.schedulers = dict(zip(self.networks, prepared[2 * n:]))
+        n, k = len(modules), len(self.networks)
+        wrapped_of = {id(m): w for m, w in zip(modules, prepared[:n])}
+        self.wrapped = {name: wrapped_of[id(net.module)] for name, net in self.networks.items()}
+        self.optimizers = dict(zip(self.networks, prepared[n:n + k]))
+        self.schedulers = dict(zip(self.networks, prepared[n + k:]))
         self.objective.use_wrapped(self.wrapped)
         self._trained_names = [{n for n, p in m.named_parameters() if p.requires_grad} for m in modules]
 
@@ -236,6 +240,9 @@ class Trainer:
             if step % net.update_every:
                 continue
             wrapped, opt = self.wrapped[name], self.optimizers[name]
+            for params in self.params.values():  # no stale gradients from another network's loss
+                for p in params:
+                    p.grad = None
             totals: dict[str, float] = {}
             for micro in range(tc.grad_accum):
                 batch = self._batch(self._generator(step, k, micro))
@@ -247,7 +254,7 @@ class Trainer:
                 for key, v in losses.items():
                     totals[key] = totals.get(key, 0.0) + float(v.detach()) / tc.grad_accum
             if tc.max_grad_norm > 0:
-                norm = acc.clip_grad_norm_([p for p in wrapped.parameters() if p.requires_grad], tc.max_grad_norm)
+                norm = acc.clip_grad_norm_(self.params[name], tc.max_grad_norm)
                 totals["grad_norm"] = float(norm)
             opt.step()
             self.schedulers[name].step()

@@ -34,6 +34,9 @@ class TrainedNetwork:
     module: torch.nn.Module
     lr: float
     update_every: int = 1  # updated on steps where step % update_every == 0 (two time-scale updates)
+    # The parameters to optimize; default: all of `module` that require grad. Networks that share one
+    # module (LoRA student and LoRA fake score on one frozen base) name their own adapter's parameters here.
+    params: list[torch.nn.Parameter] | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
 

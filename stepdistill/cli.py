@@ -119,12 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-v", "--verbose", action="store_true", help="show each objective's options")
     o.set_defaults(func=_cmd_objectives)
 
-    try:
-        from .evaluate import cli as evaluate_cli
+    from .evaluate import cli as evaluate_cli
 
-        evaluate_cli.add_parser(sub)
-    except ImportError:
-        pass
+    evaluate_cli.add_parser(sub)  # evaluate, fid-stats
     return p
 
 

@@ -179,20 +179,27 @@ def test_inception_without_weights_is_a_clear_one_line_error(tmp_path, monkeypat
         fidmod.load_backbone("inception", inception_weights=str(tmp_path / "missing.pth"))
 
 
-def test_inception_backbone_loads_local_weights(tmp_path, monkeypatch):
-    """torchmetrics' 2048-d Inception from a local weights file (random weights written here: same format)."""
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A weights file in the format of the real pt_inception weights (random values: no download)."""
     pytest.importorskip("torch_fidelity")
     import torch
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
-    monkeypatch.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    monkeypatch.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
     torch.manual_seed(0)
     sd = fe.FeatureExtractorInceptionV3("x", ["2048"]).state_dict()
-    monkeypatch.undo()
-    path = tmp_path / "inception.pth"
+    mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
     torch.save(sd, path)
-    bb = fidmod.load_backbone("inception", inception_weights=str(path))
+    return str(path)
+
+
+def test_inception_backbone_loads_local_weights(inception_weights):
+    """torchmetrics' 2048-d Inception (FrechetInceptionDistance(feature=2048)'s extractor) from a local file."""
+    bb = fidmod.load_backbone("inception", inception_weights=inception_weights)
     assert bb.name == "inception-v3-2048" and bb.image_size == 299
     imgs = np.stack([fidmod.preprocess(Image.new("RGB", (64, 48), c), bb.image_size) for c in ((0, 0, 0), (250, 9, 9))])
     f = bb.features(imgs)
@@ -375,6 +382,46 @@ def test_two_processes_give_the_same_images_and_report(evaluated, tmp_path):
         for i in range(NUM):
             assert (out / "tiny" / f"steps_{s}" / f"{i:05d}.png").read_bytes() == \
                 (out2 / "tiny" / f"steps_{s}" / f"{i:05d}.png").read_bytes(), (s, i)
+
+
+def _fast_trace_sqrt_product(s1, s2, eps):
+    """Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2) with symmetric eigensolvers (seconds, not minutes, at 2048-d)."""
+    from scipy import linalg
+
+    w, v = linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return float(np.sum(np.sqrt(np.clip(linalg.eigvalsh(r @ s2 @ r), 0, None))))
+
+
+def test_fast_trace_sqrt_matches_sqrtm():
+    f1, f2 = _features(7), _features(8, shift=1.0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    assert _fast_trace_sqrt_product(s1, s2, 1e-6) == pytest.approx(fidmod._trace_sqrt_product(s1, s2, 1e-6),
+                                                                   rel=1e-8)
+
+
+def test_fid_stats_folder_then_evaluate_against_npz(evaluated, inception_weights, tmp_path, monkeypatch):
+    """fid-stats on a folder of non-square images -> .npz; evaluate --reference stats.npz with Inception."""
+    model, _, _ = evaluated
+    # scipy's sqrtm of a 2048x2048 product costs ~20 s here; the wiring is what this test checks
+    monkeypatch.setattr(fidmod, "_trace_sqrt_product", _fast_trace_sqrt_product)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(ref / f"{i}.jpg")
+    _run_inprocess(["fid-stats", str(ref), "-o", str(tmp_path / "ref.npz"), "--backbone", "inception",
+                    "--inception-weights", inception_weights, "--batch-size", "3", "--device", "cpu"])
+    st = FeatureStats.load(tmp_path / "ref.npz")
+    assert st.n == 6 and st.backbone == "inception-v3-2048" and st.mu.shape == (2048,)
+    out = tmp_path / "eval"
+    _run_inprocess(["evaluate", model, "--steps", "1", "--num-images", "4", "--batch-size", "4",
+                    "--reference", str(tmp_path / "ref.npz"), "--backbone", "inception", "--inception-weights",
+                    inception_weights, "--clip-model", "none", "--speed-batches", "0", "--out", str(out),
+                    "--device", "cpu", "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["fid"]["backbone"] == "inception-v3-2048" and report["fid"]["reference_images"] == 6
+    assert np.isfinite(report["rows"][0]["fid"]) and (out / "fid_vs_nfe.png").is_file()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -56,8 +56,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     square root) ``eps`` is added to both diagonals; a complex result with a negligible imaginary diagonal is
     replaced by its real part (a large imaginary component is an error).
     """
-    from scipy import linalg
-
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
     mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
@@ -67,6 +65,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             f"FID statistics have different dimensions ({mu1.shape[0]} vs {mu2.shape[0]} features); "
             "compute both with the same --backbone")
     diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
+                 - 2.0 * _trace_sqrt_product(sigma1, sigma2, eps))
+
+
+def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    """Tr sqrt(sigma1 sigma2) the pytorch-fid way. (For 2048-d features sqrtm takes ~20 s on a 2-core CPU.)"""
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -76,7 +80,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             m = np.max(np.abs(covmean.imag))
             raise ValueError(f"Frechet distance: imaginary component {m} in sqrtm(sigma1 sigma2)")
         covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(np.trace(covmean))
 
 
 @dataclass

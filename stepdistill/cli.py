@@ -71,14 +71,17 @@ def quiet_libraries() -> None:
     import warnings
 
     import diffusers
+    import huggingface_hub
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
 
 
 def build_parser() -> argparse.ArgumentParser:

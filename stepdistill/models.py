@@ -117,7 +117,7 @@ def read_pipeline_class(model_id: str, revision: str | None = None) -> str:
     except Exception as err:  # hub errors vary by version; the user needs one line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StepdistillError(f"could not load teacher '{model_id}' (not a local folder; hub lookup failed: "
-                               f"{first[:200]}); download it first or set HF_HUB_OFFLINE=0 with network access") from None
+                               f"{first[:200]}); check the id, or download it and give the local folder") from None
 
 
 def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teacher:

@@ -148,6 +148,8 @@ class Evaluator:
         self.o = opts
         self.dist = Dist(opts.device)
         self.device = opts.device or self.dist.default_device
+        if self.dist.world > 1 and self.device == "cuda":  # one GPU per process, not all on cuda:0
+            self.device = self.dist.default_device
         self.out = Path(opts.out)
         self.log: Callable = (lambda *a: print(*a, flush=True)) if (self.dist.is_main and not opts.quiet) \
             else (lambda *a: None)

@@ -68,6 +68,10 @@ def _plot(rows: List[dict], key: str, ylabel: str, path: Path, hline=None, hlabe
     if hline is not None:
         ax.axhline(hline, color="gray", linestyle=":", label=hlabel)
     ax.set_xscale("log", base=2)
+    nfes = sorted({r["nfe"] for r in pts})
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(v) for v in nfes])
+    ax.minorticks_off()
     ax.set_xlabel("NFE per image (numbers: steps)")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)

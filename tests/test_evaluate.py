@@ -203,7 +203,7 @@ def test_inception_backbone_loads_local_weights(inception_weights):
     assert bb.name == "inception-v3-2048" and bb.image_size == 299
     imgs = np.stack([fidmod.preprocess(Image.new("RGB", (64, 48), c), bb.image_size) for c in ((0, 0, 0), (250, 9, 9))])
     f = bb.features(imgs)
-    assert f.shape == (2, 2048) and f.dtype == np.float64 and np.isfinite(f).all()
+    assert f.shape == (2, 2048) and f.dtype == np.float32 and np.isfinite(f).all()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None,
                    help="scheduler for plain pipelines (ddim, DDIMScheduler, euler, ...); exports carry their own")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the export's)")
+    p.add_argument("--base-model", default=None, help="base pipeline for LoRA exports (default: the export's)")
     p.add_argument("--teacher", default=None, help="also evaluate this pipeline (the teacher) for comparison")
     p.add_argument("--teacher-steps", type=_steps, default=None, help="teacher step counts (default: 25)")
     p.add_argument("--teacher-scheduler", default="ddim", help="teacher scheduler (default: ddim)")
@@ -135,7 +136,7 @@ def options_from_args(args):
     if labels and len(labels) != len(args.model):
         raise StepdistillError(f"--label has {len(labels)} names for {len(args.model)} models; give one per model")
     models = [ModelEntry(path=m, label=labels[i] if labels else None, steps=args.steps, scheduler=args.scheduler,
-                         guidance=args.guidance) for i, m in enumerate(args.model)]
+                         guidance=args.guidance, base_model=args.base_model) for i, m in enumerate(args.model)]
     if args.teacher:
         models.append(ModelEntry(path=args.teacher, label="teacher", steps=args.teacher_steps or [25],
                                  scheduler=args.teacher_scheduler, guidance=args.teacher_guidance, role="teacher"))

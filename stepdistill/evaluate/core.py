@@ -38,6 +38,7 @@ class ModelEntry:
     scheduler: Optional[str] = None
     guidance: Optional[float] = None
     role: str = "student"
+    base_model: Optional[str] = None       # LoRA exports: another base pipeline than the export names
 
 
 @dataclass
@@ -294,7 +295,8 @@ class Evaluator:
         if dist.is_main:
             from .report import write_report
 
-            write_report(report, self.out, grid_images=o.grid_images)
+            table = write_report(report, self.out, grid_images=o.grid_images)
+            self.log(table)
             self.log(f"report: {self.out / 'report.md'}")
         dist.barrier()
         return report
@@ -309,6 +311,8 @@ class Evaluator:
             kw["scheduler"] = entry.scheduler
         if entry.guidance is not None:
             kw["guidance_scale"] = entry.guidance
+        if entry.base_model:
+            kw["base_model"] = entry.base_model
         pipe, spec = load_pipeline(entry.path, device=self.device, dtype=_dtype(o.dtype, self.device), **kw)
         try:
             pipe.set_progress_bar_config(disable=True)

@@ -156,7 +156,7 @@ def preprocess(img: Image.Image, size: Optional[int], crop: bool = True) -> np.n
 # ----------------------------------------------------------------------------------------------------------------
 # backbones
 class Backbone:
-    """A feature extractor: uint8 (N, 3, S, S) -> float64 (N, D), with the name written into stats files."""
+    """A feature extractor: uint8 (N, 3, S, S) -> (N, D) features, with the name written into stats files."""
 
     def __init__(self, name: str, module, image_size: Optional[int], num_features: int, device="cpu"):
         self.name, self.module, self.image_size, self.num_features = name, module, image_size, num_features
@@ -170,7 +170,9 @@ class Backbone:
             f = self.module(x)
         if isinstance(f, (tuple, list)):
             f = f[0]
-        return f.reshape(f.shape[0], -1).double().cpu().numpy()
+        f = f.reshape(f.shape[0], -1)
+        # float32 network outputs stay float32 (lossless, half the bytes to gather); statistics are float64
+        return (f.float() if f.dtype != torch.float64 else f).cpu().numpy()
 
 
 def find_inception_weights(path: Optional[str] = None) -> str:

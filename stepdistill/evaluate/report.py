@@ -82,7 +82,8 @@ def _plot(rows: List[dict], key: str, ylabel: str, path: Path, hline=None, hlabe
     return True
 
 
-def write_report(report: dict, out: Path, grid_images: int = 16) -> None:
+def write_report(report: dict, out: Path, grid_images: int = 16) -> str:
+    """Write everything; returns the markdown table."""
     out = Path(out)
     gen_rows = [r for r in report["rows"] if r.get("role") != "real"]
     real = next((r for r in report["rows"] if r.get("role") == "real"), None)
@@ -152,3 +153,4 @@ def write_report(report: dict, out: Path, grid_images: int = 16) -> None:
     tmp = out / ".report.md.tmp"
     tmp.write_text("\n".join(L) + "\n")
     os.replace(tmp, out / "report.md")
+    return "\n".join(line for line in L if line.startswith("|"))

@@ -432,3 +432,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "\n" not in err
     assert main(["evaluate", str(tmp_path / "nope"), "--prompts", str(tmp_path / "none.txt"),
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_missing_inception_weights_stop_the_run_before_generation(evaluated, tmp_path, monkeypatch, capsys):
+    from stepdistill.evaluate.cli import main
+
+    model, _, _ = evaluated
+    monkeypatch.delenv("STEPDISTILL_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "ref").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ref" / "a.png")
+    out = tmp_path / "o"
+    assert main(["evaluate", model, "--steps", "1", "--num-images", "2", "--reference", str(tmp_path / "ref"),
+                 "--backbone", "inception", "--clip-model", "none", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "--inception-weights" in err and "\n" not in err
+    assert not list(out.rglob("*.png"))

@@ -28,6 +28,11 @@ class ClipScorer:
     def __init__(self, model, preprocess, tokenizer, name: str, device="cpu"):
         self.model, self.preprocess, self.tokenizer, self.name, self.device = model, preprocess, tokenizer, name, device
 
+    def to(self, device) -> "ClipScorer":
+        self.model = self.model.to(device)
+        self.device = device
+        return self
+
     def scores(self, images: Sequence[Image.Image], captions: Sequence[str]) -> np.ndarray:
         """Per-image 100 x max(cos(image, caption), 0), float64 (N,)."""
         import torch

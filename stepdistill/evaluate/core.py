@@ -185,6 +185,17 @@ class Evaluator:
                 from .clip_score import DEFAULT_CLIP
 
                 clip_name, clip_pre = DEFAULT_CLIP[0], clip_pre or DEFAULT_CLIP[1]
+        # metric models load first (on the CPU), so a missing weights file stops the run before hours of sampling
+        backbone = fidmod.load_backbone(backbone_name, o.inception_weights, "cpu") if reference else None
+        if reference and reference.endswith(".npz"):
+            self._reference_stats(reference, backbone, None)
+        elif reference and not reference.startswith("shapes"):
+            fidmod.list_images(reference)
+        scorer = None
+        if clip_name and clip_name != "none":
+            from .clip_score import load_clip
+
+            scorer = load_clip(clip_name, clip_pre, "cpu")
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
@@ -213,10 +224,9 @@ class Evaluator:
             "image_size": gen_size,
             "speed_protocol": SPEED_PROTOCOL,
         }
-        backbone = None
         ref_stats = None
         if reference:
-            backbone = fidmod.load_backbone(backbone_name, o.inception_weights, self.device)
+            backbone.to(self.device)
             ref_stats = self._reference_stats(reference, backbone, gen_size)
             report["fid"] = {"backbone": backbone.name, "backbone_image_size": backbone.image_size,
                              "reference": reference, "reference_images": ref_stats.n, "protocol": FID_PROTOCOL}
@@ -233,11 +243,8 @@ class Evaluator:
         else:
             report["fid"] = None
             self.log("no --reference: FID skipped")
-        scorer = None
-        if clip_name and clip_name != "none":
-            from .clip_score import load_clip
-
-            scorer = load_clip(clip_name, clip_pre, self.device)
+        if scorer is not None:
+            scorer.to(self.device)
             report["clip"] = {"model": scorer.name, "score": "mean over images of 100 * max(cos(image, caption), 0)"}
         attr_fn = None
         if shapes_split and shapes_eval_available():

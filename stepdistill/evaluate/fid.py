@@ -162,6 +162,11 @@ class Backbone:
         self.name, self.module, self.image_size, self.num_features = name, module, image_size, num_features
         self.device = device
 
+    def to(self, device) -> "Backbone":
+        self.module = self.module.to(device)
+        self.device = device
+        return self
+
     def features(self, images: np.ndarray):
         import torch
 

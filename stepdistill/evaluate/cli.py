@@ -57,7 +57,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: shapes:test)")
     g.add_argument("--prompt-column", default=None, help="jsonl/csv column (default: prompt, caption or text)")
     g.add_argument("--coco-subset", type=int, default=0,
-                   help="COCO annotations: draw this many images (one caption each) with --seed, e.g. 30000")
+                   help="COCO annotations: draw this many images (one caption each) with --seed "
+                        "(default: --num-images)")
     g.add_argument("--num-images", type=int, default=1000, help="images per model and step count (default 1000)")
     g.add_argument("--seed", type=int, default=0, help="image i uses seed SEED+i; also seeds the COCO subset")
     g = p.add_argument_group("metrics")

@@ -164,8 +164,9 @@ class Evaluator:
         if o.num_images < 1:
             raise StepdistillError("--num-images must be at least 1")
         _labels(o.models)
-        pset = load_prompts(o.prompts, column=o.prompt_column, coco_subset_size=o.coco_subset, seed=o.seed,
-                            num=o.num_images)
+        # COCO annotations: a seeded subset of --num-images images (one caption each) unless --coco-subset says
+        pset = load_prompts(o.prompts, column=o.prompt_column, coco_subset_size=o.coco_subset or o.num_images,
+                            seed=o.seed, num=o.num_images)
         prompts = pset.take(o.num_images)
         seeds = [o.seed + i for i in range(o.num_images)]
         shapes_split = pset.shapes_split

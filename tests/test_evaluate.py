@@ -344,7 +344,7 @@ def test_resume_half_finished_evaluation_gives_same_report(evaluated, tmp_path):
     for i in range(4, NUM):  # the second batch of steps_1 never got written
         (resumed / "tiny" / "steps_1" / f"{i:05d}.png").unlink()
     (resumed / "tiny" / "steps_1" / ".00005.tmp.png").write_bytes(b"half")  # a write cut off by the kill
-    _run_inprocess(_eval_args(model, resumed))
+    _run_inprocess(_eval_args(model, resumed, ["--speed-batches", "0"]))
     again = json.loads((resumed / "report.json").read_text())
     assert _metrics(again) == _metrics(report)
     assert [r["generated_now"] for r in again["rows"] if r["role"] != "real"] == [4, NUM]
@@ -372,7 +372,7 @@ def test_two_processes_give_the_same_images_and_report(evaluated, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO) + os.pathsep +
            os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepdistill", *_eval_args(model, out2)]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepdistill", *_eval_args(model, out2, ["--speed-batches", "0"])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     two = json.loads((out2 / "report.json").read_text())
@@ -400,11 +400,8 @@ def test_fast_trace_sqrt_matches_sqrtm():
                                                                    rel=1e-8)
 
 
-def test_fid_stats_folder_then_evaluate_against_npz(evaluated, inception_weights, tmp_path, monkeypatch):
-    """fid-stats on a folder of non-square images -> .npz; evaluate --reference stats.npz with Inception."""
-    model, _, _ = evaluated
-    # scipy's sqrtm of a 2048x2048 product costs ~20 s here; the wiring is what this test checks
-    monkeypatch.setattr(fidmod, "_trace_sqrt_product", _fast_trace_sqrt_product)
+def test_fid_stats_on_a_folder_with_inception(inception_weights, tmp_path):
+    """fid-stats on a folder of non-square images -> .npz with mu, sigma, n and the backbone name."""
     ref = tmp_path / "ref"
     ref.mkdir()
     rng = np.random.default_rng(0)
@@ -414,14 +411,29 @@ def test_fid_stats_folder_then_evaluate_against_npz(evaluated, inception_weights
                     "--inception-weights", inception_weights, "--batch-size", "3", "--device", "cpu"])
     st = FeatureStats.load(tmp_path / "ref.npz")
     assert st.n == 6 and st.backbone == "inception-v3-2048" and st.mu.shape == (2048,)
+    assert st.sigma.shape == (2048, 2048) and st.sigma.dtype == np.float64
+
+
+@needs_shapes
+def test_evaluate_against_precomputed_stats(evaluated, tmp_path):
+    """fid-stats shapes:test -> .npz; evaluate --reference stats.npz; a stats file of another backbone is refused."""
+    model, _, _ = evaluated
+    _run_inprocess(["fid-stats", "shapes:test", "-o", str(tmp_path / "ref.npz"), "--backbone", "shapes",
+                    "--image-size", "16", "--num-images", "16", "--device", "cpu"])
     out = tmp_path / "eval"
-    _run_inprocess(["evaluate", model, "--steps", "1", "--num-images", "4", "--batch-size", "4",
-                    "--reference", str(tmp_path / "ref.npz"), "--backbone", "inception", "--inception-weights",
-                    inception_weights, "--clip-model", "none", "--speed-batches", "0", "--out", str(out),
-                    "--device", "cpu", "--quiet"])
+    (tmp_path / "prompts.txt").write_text("a large red circle at the center on a black background\n")
+    args = ["evaluate", model, "--steps", "1", "--num-images", "4", "--batch-size", "4", "--prompts",
+            str(tmp_path / "prompts.txt"), "--reference", str(tmp_path / "ref.npz"), "--backbone", "shapes",
+            "--clip-model", "none", "--speed-batches", "0", "--out", str(out), "--device", "cpu", "--quiet"]
+    _run_inprocess(args)
     report = json.loads((out / "report.json").read_text())
-    assert report["fid"]["backbone"] == "inception-v3-2048" and report["fid"]["reference_images"] == 6
+    assert report["fid"]["backbone"] == "shapes-encoder" and report["fid"]["reference_images"] == 16
     assert np.isfinite(report["rows"][0]["fid"]) and (out / "fid_vs_nfe.png").is_file()
+    FeatureStats.from_features(_features(9, d=4), "inception-v3-2048").save(tmp_path / "other.npz")
+    from stepdistill.evaluate.cli import main
+
+    args[args.index(str(tmp_path / "ref.npz"))] = str(tmp_path / "other.npz")
+    assert main(args) == 2
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -309,11 +309,13 @@ def _metrics(report):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    os.environ.setdefault("STEPDISTILL_CACHE", str(root / "cache"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("STEPDISTILL_CACHE", str(root / "cache"))  # reference statistics cache, shared by the runs here
     model = build_tiny_pipeline(root / "tiny")
     out = root / "single"
     _run_inprocess(_eval_args(model, out))
-    return model, out, json.loads((out / "report.json").read_text())
+    yield model, out, json.loads((out / "report.json").read_text())
+    mp.undo()
 
 
 def test_evaluate_writes_images_report_plots_and_grids(evaluated):
@@ -434,6 +436,36 @@ def test_evaluate_against_precomputed_stats(evaluated, tmp_path):
 
     args[args.index(str(tmp_path / "ref.npz"))] = str(tmp_path / "other.npz")
     assert main(args) == 2
+
+
+def test_evaluate_a_lora_export_with_its_sampling_spec(evaluated, tmp_path):
+    """An export folder (LoRA + stepdistill.json) is sampled with its own scheduler, step count and guidance."""
+    import torch
+
+    from stepdistill.config import ModelConfig, StudentConfig
+    from stepdistill.export import export_student
+    from stepdistill.models import build_student, load_teacher
+    from stepdistill.objectives import DistillSetup, get_objective
+
+    model, _, _ = evaluated
+    torch.manual_seed(0)
+    teacher = load_teacher(ModelConfig(teacher=model), "cpu")
+    student = build_student(teacher, StudentConfig(type="lora", lora_rank=4, lora_alpha=8))
+    cls = get_objective("consistency")
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 16, torch.device("cpu")),
+              cls.parse_options({"num_ddim_timesteps": 20, "num_inference_steps": 2}))
+    spec = obj.sampling_spec()
+    export = export_student(teacher, student, spec, "lora", tmp_path / "lcm-lora", "lora")
+    out = tmp_path / "eval"
+    _run_inprocess(["evaluate", str(export), "--num-images", "4", "--batch-size", "4", "--reference", "none",
+                    "--clip-model", "none", "--speed-batches", "0", "--out", str(out), "--device", "cpu",
+                    "--quiet"])
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    gen = [r for r in rows if r["role"] != "real"]
+    assert [(r["label"], r["steps"], r["nfe"]) for r in gen] == [("lcm-lora", spec.num_inference_steps,
+                                                                  spec.nfe(spec.num_inference_steps))]
+    assert gen[0]["scheduler"] == spec.scheduler_class and gen[0]["format"] == "lora"
+    assert len(list((out / "lcm-lora" / f"steps_{spec.num_inference_steps}").glob("0*.png"))) == 4
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -282,6 +282,15 @@ def test_clip_score_ranks_matched_captions_above_shuffled():
     assert "shapes" in scorer.name
 
 
+def test_clip_model_errors_are_clear():
+    from stepdistill.evaluate.clip_score import load_clip
+
+    with pytest.raises(StepdistillError, match="unknown open_clip model"):
+        load_clip("NoSuchModel")
+    with pytest.raises(StepdistillError, match="neither a file nor a tag"):
+        load_clip("ViT-B-32", "no-such-tag")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # end to end: generation, resume, two processes
 NUM = 8

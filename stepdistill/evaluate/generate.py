@@ -143,7 +143,11 @@ def generate_folder(pipe, spec, generate_fn, prompts: Sequence[str], seeds: Sequ
     """Generate this rank's missing chunks into `folder`; returns how many images this rank generated."""
     made = 0
     n = len(prompts)
-    todo = [c for c in my_chunks(n, batch_size, dist) if not all(image_path(folder, i).exists() for i in c)]
+    mine = my_chunks(n, batch_size, dist)
+    todo = [c for c in mine if not all(image_path(folder, i).exists() for i in c)]
+    if len(todo) < len(mine):
+        log(f"  [rank {dist.rank}] {folder.parent.name}/{folder.name}: {len(mine) - len(todo)} of {len(mine)} "
+            "batches already there (resumed)")
     for k, c in enumerate(todo):
         idx = list(c)
         images = generate_fn(pipe, spec, [prompts[i] for i in idx], [int(seeds[i]) for i in idx], steps=steps,
@@ -153,8 +157,9 @@ def generate_folder(pipe, spec, generate_fn, prompts: Sequence[str], seeds: Sequ
         for i, img in zip(idx, images):
             _save_atomic(img, image_path(folder, i))
         made += len(idx)
-        log(f"  [rank {dist.rank}] {folder.parent.name}/{folder.name}: {made} images generated "
-            f"({k + 1}/{len(todo)} batches)")
+        if (k + 1) % max(1, len(todo) // 10) == 0 or k + 1 == len(todo):  # about ten progress lines
+            log(f"  [rank {dist.rank}] {folder.parent.name}/{folder.name}: {made} images generated "
+                f"({k + 1}/{len(todo)} batches)")
     return made
 
 

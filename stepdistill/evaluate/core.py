@@ -96,6 +96,10 @@ def _dtype(name: str, device: str):
 
 def _nfe(spec, steps: int, guidance: float) -> int:
     try:
+        return int(spec.nfe(steps, guidance_scale=guidance))
+    except TypeError:
+        pass
+    try:
         if dataclasses.is_dataclass(spec):
             return int(dataclasses.replace(spec, guidance_scale=guidance).nfe(steps))
         return int(spec.nfe(steps))

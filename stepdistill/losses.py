@@ -46,3 +46,31 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Logistic discriminator loss: softplus(-D(real)) + softplus(D(fake))."""
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+# --- distribution matching (DMD, DMD2, VSD / SwiftBrush) -------------------------------------------------------
+
+def distribution_matching_surrogate(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * ||x - sg(x - grad)||^2 per sample (summed over the sample's elements).
+
+    Its gradient with respect to x is exactly `grad`: the way DMD and VSD push a score difference, which is no
+    loss's gradient, into the generator through autograd. Objectives average it over the batch and elements
+    (DMD2's `reduction="mean"`), which scales the gradient by 1 / x.numel().
+    """
+    target = (x.float() - grad.float()).detach()
+    return 0.5 * (x.float() - target).pow(2).flatten(1).sum(1)
+
+
+def dmd_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """DMD's generator gradient (x0_fake - x0_real), divided per sample by mean |x0 - x0_real| (DMD's weighting)."""
+    grad = x0_fake.float() - x0_real.float()
+    if normalize:
+        scale = (x0.float() - x0_real.float()).abs().flatten(1).mean(1).reshape(-1, *([1] * (x0.ndim - 1)))
+        grad = grad / scale.clamp_min(1e-8)
+    return torch.nan_to_num(grad.detach())
+
+
+def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """VSD's generator gradient w(t) * (eps_teacher_cfg - eps_fake) (ProlificDreamer, SwiftBrush)."""
+    w = weight.float().reshape(-1, *([1] * (eps_real.ndim - 1)))
+    return torch.nan_to_num((w * (eps_real.float() - eps_fake.float())).detach())

@@ -103,7 +103,7 @@ class Trainer:
         options = objective_cls.parse_options(cfg.objective.options)
         self.setup = DistillSetup(self.teacher, self.student, cfg.student.type, tc.lr, cfg.data.resolution, self.device)
         self.objective = objective_cls(self.setup, options)
-        self.data = load_source(cfg.data, objective_cls.needs_images)
+        self.data = load_source(cfg.data, self.objective.needs_images)  # may depend on options
 
         self.networks = self.objective.networks()
         from diffusers.optimization import get_scheduler
@@ -173,7 +173,7 @@ class Trainer:
             self._uncond = enc([""], self.cfg.data.resolution)
         uncond = self._uncond.map(lambda t: t.expand(len(prompts), *t.shape[1:]))
         latents = None
-        if items[0]["image"] is not None:
+        if items[0]["image"] is not None and self.objective.needs_images:
             pixels = torch.stack([image_to_tensor(it["image"], self.cfg.data.resolution, self.cfg.data.center_crop)
                                   for it in items])
             if self.cfg.data.random_flip:

@@ -1,0 +1,256 @@
+"""DMD / DMD2 and VSD (SwiftBrush): generator gradients against hand-written formulas, the fake score's update,
+GAN signs, the multi-step student's timesteps and sampling, and short end-to-end runs with export."""
+import json
+
+import pytest
+import torch
+
+from stepdistill.config import ModelConfig, StudentConfig, load_config
+from stepdistill.models import build_student, load_teacher
+from stepdistill.objectives import Batch, DistillSetup, get_objective
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far steadier on a CPU shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _objective(teacher_path, name, student_type="lora", **opts):
+    torch.manual_seed(0)
+    teacher = load_teacher(ModelConfig(teacher=teacher_path), "cpu")
+    student = build_student(teacher, StudentConfig(type=student_type, lora_rank=4, lora_alpha=8))
+    cls = get_objective(name)
+    obj = cls(DistillSetup(teacher, student, student_type, 1e-4, 32, torch.device("cpu")), cls.parse_options(opts))
+    with torch.no_grad():  # LoRA B starts at zero: perturb so student, fake score and teacher all differ
+        for n, p in teacher.unet.named_parameters():
+            if ".fake." in n or ".student." in n:
+                p.add_(0.05 * torch.randn_like(p))
+    return teacher, student, obj
+
+
+def _batch(teacher, images=False):
+    g = torch.Generator().manual_seed(1)
+    prompts = ["a red circle", "a blue square", "green", ""]
+    latents = torch.randn(4, 4, 8, 8, generator=g) if images else None
+    return Batch(prompts, teacher.prompt_encoder(prompts), teacher.prompt_encoder([""] * 4), latents)
+
+
+def _alphas_cumprod(path):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(path, subfolder="scheduler").alphas_cumprod
+
+
+def _raw_unet(unet, adapter):
+    """A raw UNet call with exactly one adapter active (None: the frozen base = the teacher)."""
+    def call(x, t, emb):
+        flags = {p: p.requires_grad for p in unet.parameters()}
+        previous = unet.active_adapters()
+        if adapter is None:
+            unet.disable_adapters()
+        else:
+            unet.enable_adapters()
+            unet.set_adapter(adapter)
+        try:
+            return unet(x, t, encoder_hidden_states=emb).sample
+        finally:
+            unet.enable_adapters()
+            unet.set_adapter(previous)
+            for p, f in flags.items():
+                p.requires_grad_(f)
+    return call
+
+
+def _hand_written_x_t_and_scores(teacher_path, unet, batch, x0, gen, w, t_range=(20, 980)):
+    """Noise x0 to x_t with the objective's draw order (t, then eps); the CFG teacher's and the fake's eps."""
+    ac = _alphas_cumprod(teacher_path)
+    b = x0.shape[0]
+    t = torch.randint(t_range[0], t_range[1] + 1, (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
+    x_t = a * x0.detach() + s * noise
+    with torch.no_grad():
+        teacher, fake = _raw_unet(unet, None), _raw_unet(unet, "fake")
+        eps_c, eps_u = teacher(x_t, t, batch.cond.embeds), teacher(x_t, t, batch.uncond.embeds)
+        eps_real = eps_u + w * (eps_c - eps_u)
+        eps_fake = fake(x_t, t, batch.cond.embeds)
+    return t, x_t, a, s, eps_real, eps_fake
+
+
+@pytest.mark.parametrize("student_type", ["lora", "full"])
+def test_dmd_generator_gradient_matches_hand_written(tiny_sd, student_type):
+    w = 2.5
+    teacher, _, obj = _objective(tiny_sd, "dmd", student_type, guidance_scale=w)
+    batch = _batch(teacher)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(7))
+    (grad_x0,) = torch.autograd.grad(out["loss"], x0)
+
+    t, x_t, a, s, eps_real, eps_fake = _hand_written_x_t_and_scores(tiny_sd, teacher.unet, batch, x0,
+                                                                    torch.Generator().manual_seed(7), w)
+    x0_real, x0_fake = (x_t - s * eps_real) / a, (x_t - s * eps_fake) / a
+    x0d = x0.detach()
+    grad = (x0_fake - x0_real) / (x0d - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    expected = grad / x0.numel()  # loss = mean over batch and elements of 0.5 ||x0 - sg(x0 - grad)||^2
+    assert grad.abs().max() > 1e-3  # fake != teacher: the test means something
+    assert (grad_x0 - expected).abs().max() <= 1e-4 * expected.abs().max()  # fp32 op-order noise only
+
+
+@pytest.mark.parametrize("student_type", ["lora", "full"])
+def test_vsd_generator_gradient_matches_hand_written(tiny_sd, student_type):
+    w = 4.5
+    teacher, _, obj = _objective(tiny_sd, "vsd", student_type, guidance_scale=w)
+    batch = _batch(teacher)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(9))
+    (grad_x0,) = torch.autograd.grad(out["loss"], x0)
+
+    t, x_t, a, s, eps_real, eps_fake = _hand_written_x_t_and_scores(tiny_sd, teacher.unet, batch, x0,
+                                                                    torch.Generator().manual_seed(9), w)
+    grad = (s**2) * (eps_real - eps_fake)  # w(t) = 1 - alpha_bar_t
+    expected = grad / x0.numel()
+    assert grad.abs().max() > 1e-4
+    assert (grad_x0 - expected).abs().max() <= 1e-4 * expected.abs().max()  # fp32 op-order noise only
+
+
+def test_generator_loss_reaches_student_weights_only(tiny_sd):
+    teacher, student, obj = _objective(tiny_sd, "dmd", "lora", num_steps=2)
+    batch = _batch(teacher)
+    nets = obj.networks()
+    loss = obj.losses("student", batch, torch.Generator().manual_seed(0))["loss"]
+    loss.backward()
+    student_grads = [p.grad for p in nets["student"].params]
+    assert all(g is not None for g in student_grads) and sum(float(g.abs().sum()) for g in student_grads) > 0
+    assert all(p.grad is None for p in nets["fake"].params)
+    assert all(not p.requires_grad for n, p in student.named_parameters() if ".student." not in n and ".fake." not in n)
+
+
+@pytest.mark.parametrize("name,opts", [("dmd", {"fake_score": "lora"}), ("dmd", {"fake_score": "full"}), ("vsd", {})])
+def test_fake_score_update_lowers_its_denoising_loss(tiny_sd, name, opts):
+    teacher, _, obj = _objective(tiny_sd, name, "lora", **opts)
+    batch = _batch(teacher)
+    net = obj.networks()["fake"]
+    opt = torch.optim.AdamW(net.params, lr=3e-3 if opts.get("fake_score") == "full" else 1e-2)
+    fixed = lambda: obj.losses("fake", batch, torch.Generator().manual_seed(3))["loss"]  # noqa: E731
+    with torch.no_grad():
+        before = float(fixed())
+    for _ in range(6):
+        opt.zero_grad()
+        fixed().backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(fixed())
+    assert after < 0.9 * before, (before, after)
+
+
+def test_gan_losses_have_the_right_signs():
+    from stepdistill.losses import gan_discriminator_loss, gan_generator_loss
+
+    real, fake = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    d = gan_discriminator_loss(real, fake)
+    g_real, g_fake = torch.autograd.grad(d, [real, fake])
+    assert (g_real < 0).all() and (g_fake > 0).all()  # D loss falls as real logits rise and fake logits fall
+    assert gan_discriminator_loss(real + 1, fake - 1) < d
+    (g,) = torch.autograd.grad(gan_generator_loss(fake), [fake])
+    assert (g < 0).all() and gan_generator_loss(fake.detach() + 1) < gan_generator_loss(fake.detach())
+
+
+def test_discriminator_head_learns_and_generator_gan_gradient_flows(tiny_sd):
+    teacher, _, obj = _objective(tiny_sd, "dmd", "lora", gan_weight=0.5)
+    assert obj.needs_images
+    batch = _batch(teacher, images=True)
+    disc = obj.networks()["disc"]
+    opt = torch.optim.AdamW(disc.module.parameters(), lr=1e-2)
+    fixed = lambda: obj.losses("disc", batch, torch.Generator().manual_seed(4))  # noqa: E731
+    first = fixed()
+    for _ in range(8):
+        opt.zero_grad()
+        fixed()["loss"].backward()
+        opt.step()
+    last = fixed()
+    assert float(last["loss"]) < float(first["loss"])
+    assert float(last["real_logit"] - last["fake_logit"]) > float(first["real_logit"] - first["fake_logit"])
+    # the generator's GAN term reaches the student output but not the fake score or the head
+    opt.zero_grad(set_to_none=True)
+    x0 = torch.randn(4, 4, 8, 8).requires_grad_(True)
+    out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(0))
+    out["gan_loss"].backward()
+    assert x0.grad is not None and x0.grad.abs().sum() > 0
+    assert all(p.grad is None for p in obj.fake_params) and all(p.grad is None for p in disc.module.parameters())
+
+
+def test_multistep_student_exports_the_timesteps_it_was_trained_on(tiny_sd):
+    from stepdistill.export import pipeline_with_unet
+    from stepdistill.sampling import generate, make_scheduler
+
+    teacher, student, obj = _objective(tiny_sd, "dmd", "lora", num_steps=4)
+    assert obj.timesteps == [999, 749, 499, 249]
+    spec = obj.sampling_spec()
+    assert spec.num_inference_steps == 4 and spec.timesteps[4] == obj.timesteps and spec.guidance_scale == 1.0
+    assert spec.timesteps[2] == [999, 499] and spec.timesteps[1] == [999]
+    sched = make_scheduler(spec)
+    sched.set_timesteps(timesteps=spec.timesteps[4])
+    assert sched.timesteps.tolist() == obj.timesteps
+    sched.set_timesteps(4)  # the plain step count gives the same trailing grid
+    assert sched.timesteps.tolist() == obj.timesteps
+
+    # generate() reproduces the training-time rollout exactly: same timesteps, x0 re-noised with fresh noise
+    pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a red circle", "a blue square"], [11, 12]
+    torch.manual_seed(123)
+    images = generate(pipe, spec, prompts, seeds)
+    x_T = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    cond = teacher.prompt_encoder(prompts)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        x = obj.rollout(x_T, cond, 3, torch.default_generator)
+        x0 = obj.student_x0(x, 249, cond)
+        decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    ours = pipe.image_processor.postprocess(decoded, output_type="np")
+    import numpy as np
+
+    theirs = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+    assert np.abs(ours - theirs).max() <= 1.5 / 255
+
+
+def _config(teacher, out, objective, student_type, **overrides):
+    base = {"model.teacher": teacher, "train.output_dir": str(out), "train.max_steps": 2, "train.batch_size": 2,
+            "train.progress": False, "train.checkpoint_every": 2, "train.log_every": 1,
+            "train.sample_prompts": ["a small red circle"], "data.max_samples": 16, "student.lora_rank": 4,
+            "student.lora_alpha": 8, "student.type": student_type, "objective.name": objective,
+            "objective.options.fake_lora_rank": 4}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+@pytest.mark.parametrize("objective,student_type,opts", [
+    ("dmd", "lora", {"objective.options.num_steps": 2, "objective.options.gan_weight": 0.1,
+                     "objective.options.ttur": 2, "objective.options.regression_weight": 0.5,
+                     "objective.options.regression_steps": 2}),
+    ("dmd", "full", {"objective.options.fake_score": "full"}),
+    ("vsd", "lora", {}),
+    ("vsd", "full", {}),
+])
+def test_end_to_end_run_exports(tiny_sd, tmp_path, objective, student_type, opts):
+    from stepdistill.trainer import Trainer
+
+    Trainer(_config(tiny_sd, tmp_path / "run", objective, student_type, **opts)).train()
+    export = tmp_path / "run" / "export"
+    spec = json.loads((export / "stepdistill.json").read_text())
+    assert spec["objective"] == objective and spec["scheduler_class"] == "LCMScheduler"
+    n = opts.get("objective.options.num_steps", 1)
+    assert spec["num_inference_steps"] == n and spec["timesteps"][str(n)] == spec["extra"]["trained_timesteps"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("fake/loss" in r for r in rows) and any("loss" in r for r in rows)
+    if student_type == "lora":
+        from safetensors.torch import load_file
+
+        lora = load_file(str(export / "pytorch_lora_weights.safetensors"))
+        assert lora and not any(".fake." in k or "fake" in k.split(".") for k in lora)
+    else:
+        assert (export / "unet").is_dir()

@@ -1,0 +1,137 @@
+"""Train the distribution-matching students on the shapes world, evaluate them against the teacher, and write
+a markdown table (FID, CLIP score, attribute accuracy, training wall time). Every number comes from this run.
+
+    python tools/shapes_results.py --out results/shapes-dm            # train (in parallel) + evaluate
+    python tools/shapes_results.py --out results/shapes-dm --skip-train   # re-evaluate finished runs
+
+Trainings run as subprocesses with logs in OUT/logs/ (one intra-op thread each: on a shared CPU, OpenMP
+threads of several processes fighting over the cores make everything many times slower).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# (config, step counts to evaluate the student at)
+DEFAULT_RUNS = [("configs/shapes/dmd2_1step.yaml", [1]), ("configs/shapes/dmd2_4step.yaml", [1, 2, 4]),
+                ("configs/shapes/vsd_1step.yaml", [1])]
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def _name(config: str) -> str:
+    return Path(config).stem
+
+
+def train_all(runs, out: Path, overrides: list[str], jobs: int, threads: int) -> dict:
+    """Start up to `jobs` trainings at once; returns {name: wall seconds}."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    pending, running, walls = list(runs), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            config, _ = pending.pop(0)
+            name = _name(config)
+            run_dir = out / "runs" / name
+            cmd = [sys.executable, "-m", "stepdistill", "train", config, f"train.output_dir={run_dir}",
+                   "train.progress=false", *overrides]
+            log = open(out / "logs" / f"{name}.log", "w")
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            print(f"[train] {name}: {' '.join(cmd)}", flush=True)
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(threads)),
+                             time.time(), log)
+        time.sleep(5)
+        for name, (proc, t0, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[name]
+                if proc.returncode != 0:
+                    raise SystemExit(f"training {name} failed (exit {proc.returncode}); see {out / 'logs' / (name + '.log')}")
+                walls[name] = time.time() - t0
+                (out / "runs" / name / "wall_time.json").write_text(json.dumps({"seconds": walls[name]}))
+                print(f"[train] {name} done in {walls[name] / 60:.1f} min", flush=True)
+    return walls
+
+
+def evaluate(models: list[Path], labels: list[str], steps: list[int], out: Path, args, teacher: bool) -> dict:
+    cmd = [sys.executable, "-m", "stepdistill", "evaluate", *map(str, models), "--label", ",".join(labels),
+           "--steps", ",".join(map(str, steps)), "--num-images", str(args.num_images), "--seed", str(args.seed),
+           "--out", str(out), "--quiet"]
+    if teacher:
+        cmd += ["--teacher", args.teacher, "--teacher-steps", ",".join(map(str, args.teacher_steps)),
+                "--teacher-guidance", str(args.teacher_guidance)]
+    print(f"[eval] {' '.join(cmd)}", flush=True)
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(args.threads), check=True)
+    return json.loads((out / "report.json").read_text())
+
+
+def _fmt(v, nd):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/shapes-dm")
+    ap.add_argument("--configs", nargs="*", help="configs to run (default: dmd2_1step, dmd2_4step, vsd_1step)")
+    ap.add_argument("--skip-train", action="store_true", help="reuse finished runs in OUT/runs")
+    ap.add_argument("--jobs", type=int, default=3, help="trainings at once")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    ap.add_argument("--num-images", type=int, default=300)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--teacher", default="assets/shapes-teacher")
+    ap.add_argument("--teacher-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 25])
+    ap.add_argument("--teacher-guidance", type=float, default=3.0)
+    ap.add_argument("overrides", nargs="*", help="config overrides for every training (key=value)")
+    args = ap.parse_args(argv)
+    out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
+    runs = DEFAULT_RUNS if not args.configs else [(c, dict(DEFAULT_RUNS).get(c, [1])) for c in args.configs]
+
+    if args.skip_train:
+        walls = {}
+        for config, _ in runs:
+            f = out / "runs" / _name(config) / "wall_time.json"
+            walls[_name(config)] = json.loads(f.read_text())["seconds"] if f.is_file() else None
+    else:
+        walls = train_all(runs, out, args.overrides, args.jobs, args.threads)
+
+    rows = []
+    by_steps: dict[tuple, list] = {}
+    for config, steps in runs:
+        by_steps.setdefault(tuple(steps), []).append(_name(config))
+    for i, (steps, names) in enumerate(by_steps.items()):
+        report = evaluate([out / "runs" / n / "export" for n in names], names, list(steps),
+                          out / f"eval-{'-'.join(map(str, steps))}steps", args, teacher=i == 0)
+        rows += [r for r in report["rows"] if r.get("role") != "real" or i == 0]  # one real-images row
+
+    teacher_info = {}
+    info = ROOT / args.teacher / "shapes_teacher.json"
+    if info.is_file():
+        teacher_info = json.loads(info.read_text())
+    lines = ["| model | steps | NFE | FID | CLIP | attr. acc. | train wall time |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        wall = walls.get(r["label"])
+        lines.append(f"| {r['label']} | {r.get('steps') or '-'} | {r.get('nfe') or '-'} | {_fmt(r.get('fid'), 3)} | "
+                     f"{_fmt(r.get('clip_score'), 2)} | {_fmt(r.get('attribute_accuracy'), 3)} | "
+                     f"{'-' if wall is None else f'{wall / 60:.1f} min'} |")
+    table = "\n".join(lines)
+    header = (f"Shapes world, {args.num_images} images per row (seeds {args.seed}..), teacher "
+              f"`{args.teacher}` ({json.dumps(teacher_info)}), teacher CFG {args.teacher_guidance} with DDIM; "
+              f"students with their exported LCMScheduler timesteps. Command: "
+              f"`python tools/shapes_results.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
+    (out / "results.md").write_text(header + "\n\n" + table + "\n")
+    print(header + "\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The bundled shapes world: deterministic data, the committed teacher, and the evaluation models."""
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.data import shapes
+from stepdistill.shapes_eval import EVAL_DIR, TEACHER_DIR
+
+
+def _pixels(item):
+    return np.asarray(item["image"])
+
+
+def test_samples_are_deterministic_and_order_free():
+    a = shapes.ShapesDataset("train", length=50)
+    b = shapes.ShapesDataset("train", length=50)
+    for i in (49, 3, 17):  # any order, fresh objects: same sample
+        assert a[i]["caption"] == b[i]["caption"] and np.array_equal(_pixels(a[i]), _pixels(b[i]))
+    other_seed = shapes.ShapesDataset("train", length=50, seed=1)
+    assert any(other_seed[i]["caption"] != a[i]["caption"] for i in range(10))
+
+
+def test_splits_are_disjoint():
+    seen = {}
+    for split in shapes.SPLITS:
+        ds = shapes.ShapesDataset(split, length=300)
+        for i in range(len(ds)):
+            key = _pixels(ds[i]).tobytes()
+            assert seen.setdefault(key, split) == split, f"an image of {split} is also in {seen[key]}"
+
+
+def test_captions_parse_back_to_labels_and_vocabulary_is_covered():
+    ds = shapes.ShapesDataset("val", length=200)
+    seen = {name: set() for name in shapes.ATTRIBUTE_NAMES}
+    for i in range(len(ds)):
+        item = ds[i]
+        parsed = shapes.parse_caption(item["caption"])
+        for name in shapes.ATTRIBUTE_NAMES:
+            assert parsed[name] == item["labels"][name], (item["caption"], name)
+            seen[name].add(item["labels"][name])
+        assert item["image"].size == (32, 32)
+    assert len(seen["shape"]) >= 4 and len(seen["color"]) >= 6 and len(seen["background"]) >= 4
+    assert len(seen["position"]) == 9
+    with pytest.raises(ValueError):
+        shapes.parse_caption("a tiny teal hexagon")
+
+
+def test_prompts_come_from_the_grammar():
+    prompts = shapes.shapes_prompts("test", n=20)
+    assert len(prompts) == 20 and all(shapes.parse_caption(p) for p in prompts)
+    assert shapes.shapes_prompts("test", n=20) == prompts
+
+
+needs_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(),
+                                   reason="assets/shapes-teacher not built (tools/shapes/train_teacher.py)")
+needs_eval = pytest.mark.skipif(not (EVAL_DIR / "shapes_encoder.safetensors").is_file(),
+                                reason="assets/shapes-eval not built (tools/shapes/build_eval_models.py)")
+
+
+@needs_teacher
+def test_committed_teacher_loads_offline_and_generates():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TEACHER_DIR), safety_checker=None)
+    tok = pipe.tokenizer
+    for word in shapes.all_words():  # every world word is one token
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    out = pipe(["a large red circle at the center on a black background"], num_inference_steps=4,
+               guidance_scale=3.0, height=32, width=32, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (1, 32, 32, 3) and out.std() > 0.05
+
+
+@needs_eval
+def test_eval_models_score_real_images_far_better_than_noise():
+    from stepdistill.shapes_eval import attribute_accuracy, shapes_fid
+
+    ds = shapes.ShapesDataset("test", length=256)
+    images = [ds[i]["image"] for i in range(len(ds))]
+    prompts = [ds[i]["caption"] for i in range(len(ds))]
+    real = attribute_accuracy(images, prompts)
+    rng = np.random.default_rng(0)
+    noise = torch.from_numpy(rng.integers(0, 256, (256, 3, 32, 32), dtype=np.uint8))
+    fake = attribute_accuracy(noise, prompts)
+    assert min(real[name] for name in shapes.ATTRIBUTE_NAMES) > 0.9, real
+    assert fake["all"] < 0.1 and real["all"] > 0.8
+    val = shapes.ShapesDataset("val", length=256)
+    floor = shapes_fid(images, [val[i]["image"] for i in range(len(val))])
+    assert floor * 10 < shapes_fid(images, noise)
+
+
+@needs_eval
+def test_shapes_clip_ranks_matched_captions_above_shuffled():
+    from stepdistill.shapes_eval import clip_score
+
+    ds = shapes.ShapesDataset("test", length=128)
+    images = [ds[i]["image"] for i in range(len(ds))]
+    prompts = [ds[i]["caption"] for i in range(len(ds))]
+    shuffled = prompts[1:] + prompts[:1]
+    assert clip_score(images, prompts) > clip_score(images, shuffled) + 10

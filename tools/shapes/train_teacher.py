@@ -1,0 +1,190 @@
+"""Train the shapes-world teacher (tiny latent diffusion, SD layout) from scratch and save a diffusers folder.
+
+    python tools/shapes/train_teacher.py --out assets/shapes-teacher --steps 6000 --batch-size 64 --max-minutes 50
+
+Needs the VAE (tools/shapes/train_vae.py) in <out>/vae. Builds the tokenizer (tools/shapes/build_tokenizer.py) into
+<out>/tokenizer, then trains a CLIPTextModel and a UNet2DConditionModel jointly on VAE latents of the train split
+with eps prediction, min-SNR-5 loss weighting, 10% caption dropout (empty caption, for classifier-free guidance)
+and an EMA of both. The EMA weights are written as a StableDiffusionPipeline folder (with a DDIMScheduler) every
+--save-every-minutes and at the end, so a run stopped early (or by --max-minutes) still leaves a usable teacher.
+A resumable training state goes to --state (outside assets/).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+
+import common  # noqa: F401  (sets sys.path)
+import torch
+import torch.nn.functional as F
+from common import Logger, images_tensor, seed_all, write_json
+
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SCHEDULER_KWARGS = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    timestep_spacing="trailing",
+)
+
+
+def make_text_encoder(tok):
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=128,
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_unet(cross_dim):
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=cross_dim,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def save_pipeline(out, vae, te, unet, tok, log, extra=None):
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_KWARGS),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    if extra:
+        write_json(os.path.join(out, "shapes_teacher.json"), extra)
+    log(f"saved pipeline -> {out}")
+
+
+@torch.no_grad()
+def encode_latents(vae, x, bs=256):
+    means, stds = [], []
+    for i in range(0, x.shape[0], bs):
+        d = vae.encode(x[i:i + bs]).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="assets/shapes-teacher")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--num-images", type=int, default=40000)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--max-minutes", type=float, default=50.0)
+    p.add_argument("--save-every-minutes", type=float, default=6.0)
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="default CFG recorded in shapes_teacher.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--state", default="runs/shapes-build/teacher_state.pt")
+    p.add_argument("--resume", action="store_true", help="resume from --state if present")
+    p.add_argument("--log", default="assets/shapes-build-logs/teacher.log")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    log = Logger(a.log)
+    seed_all(a.seed)
+    log(f"args {vars(a)}")
+
+    from build_tokenizer import build_tokenizer
+
+    tok = build_tokenizer(os.path.join(a.out, "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(a.out, "vae")).eval()
+    vae.requires_grad_(False)
+    sf = vae.config.scaling_factor
+
+    t0 = time.time()
+    x, caps, _ = images_tensor("train", a.num_images)
+    mean, std = encode_latents(vae, x)
+    del x
+    ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    log(f"encoded {a.num_images} train images in {time.time() - t0:.1f}s; latent std*sf "
+        f"{(mean * sf).std().item():.3f}")
+
+    te = make_text_encoder(tok)
+    unet = make_unet(te.config.hidden_size)
+    log(f"unet params {sum(q.numel() for q in unet.parameters()) / 1e6:.3f}M, text encoder "
+        f"{sum(q.numel() for q in te.parameters()) / 1e6:.3f}M")
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
+    ema_te, ema_unet = copy.deepcopy(te).eval(), copy.deepcopy(unet).eval()
+    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k != "set_alpha_to_one"})
+    ac = noise_sched.alphas_cumprod
+    snr = ac / (1 - ac)
+    g = torch.Generator().manual_seed(a.seed)
+    step = 0
+    if a.resume and os.path.exists(a.state):
+        st = torch.load(a.state, map_location="cpu")
+        unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])
+        ema_unet.load_state_dict(st["ema_unet"]); ema_te.load_state_dict(st["ema_te"])
+        opt.load_state_dict(st["opt"]); step = st["step"]; g.set_state(st["gen"])
+        log(f"resumed from {a.state} at step {step}")
+
+    def save(final=False):
+        save_pipeline(a.out, vae, ema_te, ema_unet, tok, log, extra={
+            "guidance_scale": a.guidance_scale, "train_steps": step, "batch_size": a.batch_size,
+            "caption_dropout": a.caption_dropout, "ema": a.ema, "final": final,
+            "minutes": (time.time() - t_start) / 60,
+        })
+        os.makedirs(os.path.dirname(os.path.abspath(a.state)), exist_ok=True)
+        torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+                    "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step, "gen": g.get_state()},
+                   a.state)
+
+    t_start = last_save = time.time()
+    warm = 200
+    unet.train(); te.train()
+    loss_avg = None
+    while step < a.steps:
+        for group in opt.param_groups:
+            group["lr"] = a.lr * min(1.0, (step + 1) / warm)
+        idx = torch.randint(0, mean.shape[0], (a.batch_size,), generator=g)
+        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+        cid = ids[idx].clone()
+        drop = torch.rand(a.batch_size, generator=g) < a.caption_dropout
+        cid[drop] = empty
+        t = torch.randint(0, 1000, (a.batch_size,), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        zt = noise_sched.add_noise(z0, noise, t)
+        h = te(cid).last_hidden_state
+        pred = unet(zt, t, h).sample
+        w = (snr[t].clamp(max=a.min_snr_gamma) / snr[t]).float() if a.min_snr_gamma > 0 else torch.ones(len(t))
+        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        d = min(a.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema_params, params):
+                pe.lerp_(pm, 1 - d)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if step % 50 == 0:
+            el = time.time() - t_start
+            log(f"step {step} loss {loss_avg:.4f} ({el / 60:.1f} min, {el / step if not a.resume else 0:.3f} s/step)")
+        if (time.time() - last_save) / 60 > a.save_every_minutes:
+            save()
+            last_save = time.time()
+        if (time.time() - t_start) / 60 > a.max_minutes:
+            log(f"wall-clock limit reached at step {step}")
+            break
+    save(final=True)
+    log(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Train the shapes-world VAE: AutoencoderKL, 4 latent channels, 4x downsampling (32x32x3 -> 8x8x4).
+
+    python tools/shapes/train_vae.py --out assets/shapes-teacher/vae --steps 700 --batch-size 64 --max-minutes 12
+
+Loss: L1 + MSE reconstruction + a small KL. After training, the latent std over train images is measured and
+written into the config as `scaling_factor` (so scaled latents have unit std, as SD expects).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import common  # noqa: F401  (sets sys.path)
+import torch
+from common import Logger, images_tensor, seed_all, write_json
+
+from diffusers import AutoencoderKL
+
+
+def make_vae():
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=32, scaling_factor=1.0,
+    )
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="assets/shapes-teacher/vae")
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--num-images", type=int, default=20000)
+    p.add_argument("--max-minutes", type=float, default=12.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log", default="assets/shapes-build-logs/vae.log")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    log = Logger(a.log)
+    seed_all(a.seed)
+    x, _, _ = images_tensor("train", a.num_images)
+    xv, _, _ = images_tensor("val", 512)
+    log(f"data {tuple(x.shape)}; args {vars(a)}")
+    vae = make_vae()
+    log(f"vae params {sum(q.numel() for q in vae.parameters()) / 1e6:.3f}M")
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    warm = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
+    g = torch.Generator().manual_seed(a.seed)
+    t0 = time.time()
+    vae.train()
+    for step in range(a.steps):
+        idx = torch.randint(0, x.shape[0], (a.batch_size,), generator=g)
+        xb = x[idx]
+        post = vae.encode(xb).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        l1 = (rec - xb).abs().mean()
+        mse = (rec - xb).pow(2).mean()
+        kl = post.kl().mean() / xb[0].numel()
+        loss = l1 + mse + a.kl_weight * kl * xb[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == a.steps - 1:
+            log(f"step {step} loss {loss.item():.4f} l1 {l1.item():.4f} mse {mse.item():.5f} kl/dim {kl.item():.3f}")
+        if (time.time() - t0) / 60 > a.max_minutes:
+            log(f"wall-clock limit reached at step {step}")
+            break
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(x[i:i + 256]).latent_dist.sample(generator=g) for i in range(0, 4096, 256)])
+        std = z.std().item()
+        rv = vae.decode(vae.encode(xv).latent_dist.mode()).sample.clamp(-1, 1)
+        mse = ((rv - xv) / 2).pow(2).mean().item()
+        psnr = 10 * math.log10(1.0 / mse)
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    os.makedirs(a.out, exist_ok=True)
+    vae.save_pretrained(a.out, safe_serialization=True)
+    write_json(os.path.join(os.path.dirname(os.path.abspath(a.log)), "vae_metrics.json"),
+               {"latent_std": std, "scaling_factor": 1.0 / std, "val_psnr": psnr, "steps": step + 1,
+                "minutes": (time.time() - t0) / 60})
+    log(f"saved {a.out}: latent std {std:.4f} -> scaling_factor {1 / std:.4f}; val PSNR {psnr:.2f} dB")
+
+
+if __name__ == "__main__":
+    main()

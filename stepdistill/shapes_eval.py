@@ -8,7 +8,7 @@
   the attributes parsed from their prompts.
 * ``load_shapes_clip()`` -> (model, preprocess, tokenizer): a tiny open_clip model ("shapes-clip-tiny") trained
   contrastively on this world; ``clip_score(images, prompts)`` = mean of 100 * max(cos, 0).
-* ``frechet_distance(mu1, sigma1, mu2, sigma2)`` and ``feature_stats`` (float64, scipy sqrtm).
+* ``shapes_fid`` and ``feature_stats``; the Frechet distance is ``stepdistill.evaluate.fid.frechet_distance``.
 
 Import-light: torch, numpy and PIL at import; scipy and open_clip only when used.
 """
@@ -166,24 +166,10 @@ def feature_stats(feats: np.ndarray):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1-mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), in float64 with scipy's sqrtm."""
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
 def shapes_fid(images_a: ImagesLike, images_b: ImagesLike, encoder: Optional[ShapesEncoder] = None) -> float:
     """FID between two image sets in shapes-encoder feature space."""
+    from stepdistill.evaluate.fid import frechet_distance
+
     return frechet_distance(*feature_stats(encoder_features(images_a, encoder)),
                             *feature_stats(encoder_features(images_b, encoder)))
 
@@ -248,6 +234,6 @@ def clip_score(images: ImagesLike, prompts: Sequence[str], clip=None) -> float:
 
 __all__ = [
     "ShapesEncoder", "load_shapes_encoder", "predict_attributes", "attribute_accuracy", "encoder_features",
-    "feature_stats", "frechet_distance", "shapes_fid", "load_shapes_clip", "register_shapes_clip",
+    "feature_stats", "shapes_fid", "load_shapes_clip", "register_shapes_clip",
     "clip_similarity", "clip_score", "to_uint8", "EVAL_DIR", "TEACHER_DIR", "CLIP_MODEL_NAME",
 ]

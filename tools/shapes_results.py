@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,8 +72,11 @@ def evaluate(models: list[Path], labels: list[str], steps: list[int], out: Path,
         cmd += ["--teacher", args.teacher, "--teacher-steps", ",".join(map(str, args.teacher_steps)),
                 "--teacher-guidance", str(args.teacher_guidance)]
     print(f"[eval] {' '.join(cmd)}", flush=True)
+    env = _env(args.threads)
+    if args.eval_assets:
+        env["STEPDISTILL_ASSETS"] = str(Path(args.eval_assets).resolve())
     with open(out.parent / f"{out.name}.log", "w") as log:
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(args.threads), check=True)
+        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
     return json.loads((out / "report.json").read_text())
 
 
@@ -89,13 +93,24 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--num-images", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--teacher", default="assets/shapes-teacher")
+    ap.add_argument("--teacher", default="assets/shapes-teacher", help="copied to OUT/teacher and used from there")
     ap.add_argument("--teacher-steps", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 25])
     ap.add_argument("--teacher-guidance", type=float, default=3.0)
+    ap.add_argument("--eval-assets", default=None,
+                    help="folder holding shapes-eval/ (sets STEPDISTILL_ASSETS for evaluate; default: assets/)")
     ap.add_argument("overrides", nargs="*", help="config overrides for every training (key=value)")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     runs = DEFAULT_RUNS if not args.configs else [(c, dict(DEFAULT_RUNS).get(c, [1])) for c in args.configs]
+    # Students and the teacher baseline use one frozen snapshot of the teacher (a teacher still being trained
+    # may be rewritten in place; a LoRA export names its base folder).
+    snapshot = out / "teacher"
+    if not args.skip_train:
+        src = Path(args.teacher) if Path(args.teacher).is_absolute() else ROOT / args.teacher
+        shutil.rmtree(snapshot, ignore_errors=True)
+        shutil.copytree(src, snapshot)
+    args.teacher = str(snapshot)
+    overrides = [f"model.teacher={snapshot}", *args.overrides]
 
     if args.skip_train:
         walls = {}
@@ -103,7 +118,7 @@ def main(argv=None):
             f = out / "runs" / _name(config) / "wall_time.json"
             walls[_name(config)] = json.loads(f.read_text())["seconds"] if f.is_file() else None
     else:
-        walls = train_all(runs, out, args.overrides, args.jobs, args.threads)
+        walls = train_all(runs, out, overrides, args.jobs, args.threads)
 
     rows = []
     by_steps: dict[tuple, list] = {}
@@ -115,7 +130,7 @@ def main(argv=None):
         rows += [r for r in report["rows"] if r.get("role") != "real" or i == 0]  # one real-images row
 
     teacher_info = {}
-    info = ROOT / args.teacher / "shapes_teacher.json"
+    info = snapshot / "shapes_teacher.json"
     if info.is_file():
         teacher_info = json.loads(info.read_text())
     lines = ["| model | steps | NFE | FID | CLIP | attr. acc. | train wall time |", "|---|---|---|---|---|---|---|"]

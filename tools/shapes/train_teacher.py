@@ -1,6 +1,6 @@
 """Train the shapes-world teacher (tiny latent diffusion, SD layout) from scratch and save a diffusers folder.
 
-    python tools/shapes/train_teacher.py --out assets/shapes-teacher --steps 6000 --batch-size 64 --max-minutes 50
+    python tools/shapes/train_teacher.py --out assets/shapes-teacher --steps 6000 --batch-size 64 --max-minutes 40
 
 Needs the VAE (tools/shapes/train_vae.py) in <out>/vae. Builds the tokenizer (tools/shapes/build_tokenizer.py) into
 <out>/tokenizer, then trains a CLIPTextModel and a UNet2DConditionModel jointly on VAE latents of the train split
@@ -41,13 +41,13 @@ def make_text_encoder(tok):
     return CLIPTextModel(cfg)
 
 
-def make_unet(cross_dim):
+def make_unet(cross_dim, channels=(32, 64, 64)):
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128, 128), layers_per_block=1, cross_attention_dim=cross_dim,
-        attention_head_dim=8, norm_num_groups=32,
+        block_out_channels=tuple(channels), layers_per_block=1, cross_attention_dim=cross_dim,
+        attention_head_dim=8, norm_num_groups=min(32, channels[0] // 2),
     )
 
 
@@ -59,7 +59,18 @@ def save_pipeline(out, vae, te, unet, tok, log, extra=None):
     pipe.save_pretrained(out, safe_serialization=True)
     if extra:
         write_json(os.path.join(out, "shapes_teacher.json"), extra)
+        write_teacher_spec(out, extra["guidance_scale"])
     log(f"saved pipeline -> {out}")
+
+
+def write_teacher_spec(out, guidance_scale, steps=25):
+    """stepdistill.json: how `stepdistill sample` / `evaluate` sample this teacher by default (DDIM, CFG)."""
+    from stepdistill.sampling import SPEC_FILE, SamplingSpec
+
+    spec = SamplingSpec(format="pipeline", scheduler_class="DDIMScheduler",
+                        scheduler_config=dict(DDIMScheduler(**SCHEDULER_KWARGS).config), num_inference_steps=steps,
+                        guidance_scale=guidance_scale, resolution=32)
+    write_json(os.path.join(out, SPEC_FILE), spec.to_json())
 
 
 @torch.no_grad()
@@ -77,8 +88,9 @@ def main():
     p.add_argument("--out", default="assets/shapes-teacher")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--num-images", type=int, default=40000)
+    p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--channels", default="32,64,64", help="UNet block_out_channels (CPU cost grows ~quadratically)")
+    p.add_argument("--num-images", type=int, default=20000)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
@@ -114,7 +126,7 @@ def main():
         f"{(mean * sf).std().item():.3f}")
 
     te = make_text_encoder(tok)
-    unet = make_unet(te.config.hidden_size)
+    unet = make_unet(te.config.hidden_size, [int(c) for c in a.channels.split(",")])
     log(f"unet params {sum(q.numel() for q in unet.parameters()) / 1e6:.3f}M, text encoder "
         f"{sum(q.numel() for q in te.parameters()) / 1e6:.3f}M")
     params = list(unet.parameters()) + list(te.parameters())

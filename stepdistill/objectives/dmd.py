@@ -253,9 +253,9 @@ class DistributionMatching(Objective):
 
         ts = self.timesteps
         n = len(ts)
-        # LCMScheduler reproduces training exactly: x0 = the student's prediction (timestep_scaling large makes
-        # c_skip ~ 1e-14 and c_out = 1), re-noised with fresh noise to the next timestep; original_inference_steps
-        # = T puts every timestep on its grid, and set_timesteps(n) then gives the trailing grid.
+        # LCMScheduler reproduces training exactly: x0 = the student's prediction (a large timestep_scaling makes
+        # c_skip < 1e-11 and c_out = 1 for t >= 249), re-noised with fresh noise to the next timestep;
+        # original_inference_steps = T puts every timestep on its grid; set_timesteps(n) gives the trailing grid.
         config = dict(self.setup.teacher.scheduler_config)
         config.update(original_inference_steps=self.T, timestep_scaling=1000.0)
         timesteps = {k: ts[:: n // k] for k in range(1, n + 1) if n % k == 0}

@@ -98,3 +98,22 @@ def test_shapes_clip_ranks_matched_captions_above_shuffled():
     prompts = [ds[i]["caption"] for i in range(len(ds))]
     shuffled = prompts[1:] + prompts[:1]
     assert clip_score(images, prompts) > clip_score(images, shuffled) + 10
+
+
+@needs_teacher
+def test_quick_start_job_runs_on_the_bundled_teacher(tmp_path, capsys):
+    """The README's main job (`stepdistill train`, default config), shortened: trains, samples, exports."""
+    from stepdistill.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "configs/shapes/consistency_lora.yaml", f"train.output_dir={out}", "train.max_steps=2",
+                 "train.batch_size=4", "train.progress=false", "train.checkpoint_every=2"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sample grid:" in printed and "export:" in printed
+    from stepdistill.sampling import generate, load_pipeline
+
+    pipe, spec = load_pipeline(str(out / "export"))
+    assert spec.base_model == "assets/shapes-teacher" and spec.scheduler_class == "LCMScheduler"
+    images = generate(pipe, spec, ["a small blue square at the top left on a white background"], [0])
+    assert images[0].size == (32, 32)

@@ -80,6 +80,29 @@ def evaluate(models: list[Path], labels: list[str], steps: list[int], out: Path,
     return json.loads((out / "report.json").read_text())
 
 
+def loop_seconds(run_dir: Path) -> float | None:
+    """Training-loop time from the run's own metrics.jsonl: the trainer logs it_per_s = steps done in this process
+    / seconds since its loop started; a resumed run starts a new segment (the step counter goes back). Model
+    loading and export are not included; steps lost to an interruption are."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    total, seg_first, last, prev = 0.0, None, None, None
+    log_every = rows[1]["step"] - rows[0]["step"] if len(rows) > 1 else rows[0]["step"]
+    for r in rows + [None]:
+        if r is None or (prev is not None and r["step"] <= prev["step"]):
+            if last is not None:
+                total += (last["step"] - (seg_first["step"] - log_every)) / last["it_per_s"]
+            if r is None:
+                break
+            seg_first = None
+        if seg_first is None:
+            seg_first = r
+        last = prev = r
+    return total
+
+
 def _fmt(v, nd):
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -89,6 +112,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/shapes-dm")
     ap.add_argument("--configs", nargs="*", help="configs to run (default: dmd2_1step, dmd2_4step, vsd_1step)")
     ap.add_argument("--skip-train", action="store_true", help="reuse finished runs in OUT/runs")
+    ap.add_argument("--resume", action="store_true", help="continue interrupted runs in OUT from their last checkpoint")
     ap.add_argument("--jobs", type=int, default=3, help="trainings at once")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     ap.add_argument("--num-images", type=int, default=300)
@@ -105,20 +129,16 @@ def main(argv=None):
     # Students and the teacher baseline use one frozen snapshot of the teacher (a teacher still being trained
     # may be rewritten in place; a LoRA export names its base folder).
     snapshot = out / "teacher"
-    if not args.skip_train:
+    if not args.skip_train and not args.resume:
         src = Path(args.teacher) if Path(args.teacher).is_absolute() else ROOT / args.teacher
         shutil.rmtree(snapshot, ignore_errors=True)
         shutil.copytree(src, snapshot)
     args.teacher = str(snapshot)
-    overrides = [f"model.teacher={snapshot}", *args.overrides]
+    overrides = [f"model.teacher={snapshot}", *(["train.resume=latest"] if args.resume else []), *args.overrides]
 
-    if args.skip_train:
-        walls = {}
-        for config, _ in runs:
-            f = out / "runs" / _name(config) / "wall_time.json"
-            walls[_name(config)] = json.loads(f.read_text())["seconds"] if f.is_file() else None
-    else:
-        walls = train_all(runs, out, overrides, args.jobs, args.threads)
+    if not args.skip_train:
+        train_all(runs, out, overrides, args.jobs, args.threads)
+    walls = {_name(c): loop_seconds(out / "runs" / _name(c)) for c, _ in runs}
 
     rows = []
     by_steps: dict[tuple, list] = {}
@@ -133,7 +153,7 @@ def main(argv=None):
     info = snapshot / "shapes_teacher.json"
     if info.is_file():
         teacher_info = json.loads(info.read_text())
-    lines = ["| model | steps | NFE | FID | CLIP | attr. acc. | train wall time |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | NFE | FID | CLIP | attr. acc. | training loop time |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         wall = walls.get(r["label"])
         lines.append(f"| {r['label']} | {r.get('steps') or '-'} | {r.get('nfe') or '-'} | {_fmt(r.get('fid'), 3)} | "

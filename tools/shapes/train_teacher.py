@@ -12,6 +12,7 @@ A resumable training state goes to --state (outside assets/).
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import math
 import os
@@ -101,6 +102,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--state", default="runs/shapes-build/teacher_state.pt")
     p.add_argument("--resume", action="store_true", help="resume from --state if present")
+    p.add_argument("--init-from", default=None,
+                   help="start from the weights of a saved teacher folder (no optimizer state), e.g. to train the "
+                        "committed assets/shapes-teacher further: --init-from assets/shapes-teacher --steps N")
     p.add_argument("--log", default="assets/shapes-build-logs/teacher.log")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -138,6 +142,13 @@ def main():
     snr = ac / (1 - ac)
     g = torch.Generator().manual_seed(a.seed)
     step = 0
+    if a.init_from:  # continue from a saved pipeline's (EMA) weights, e.g. the committed teacher
+        te.load_state_dict(CLIPTextModel.from_pretrained(os.path.join(a.init_from, "text_encoder")).state_dict())
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(os.path.join(a.init_from, "unet")).state_dict())
+        ema_te.load_state_dict(te.state_dict()); ema_unet.load_state_dict(unet.state_dict())
+        done = json.load(open(os.path.join(a.init_from, "shapes_teacher.json"))).get("train_steps", 0)
+        step = int(done)
+        log(f"initialised from {a.init_from} (trained {step} steps before)")
     if a.resume and os.path.exists(a.state):
         st = torch.load(a.state, map_location="cpu")
         unet.load_state_dict(st["unet"]); te.load_state_dict(st["te"])

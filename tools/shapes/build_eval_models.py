@@ -64,7 +64,7 @@ def train_encoder(a, log):
     g = torch.Generator().manual_seed(a.seed)
     x, _, labs = data("train", a.num_images)
     xv, _, labv = data("val", 2000)
-    model = ShapesEncoder(width=a.encoder_width, num_features=128, image_size=32)
+    model = ShapesEncoder(width=32, num_features=128, image_size=32)
     log(f"encoder params {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = a.encoder_steps
@@ -93,7 +93,7 @@ def train_encoder(a, log):
     os.makedirs(a.out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(a.out, ENCODER_FILE))
     write_json(os.path.join(a.out, ENCODER_CONFIG), {
-        "width": a.encoder_width, "num_features": 128, "image_size": 32, "val_accuracy": acc, "steps": step + 1,
+        "width": 32, "num_features": 128, "image_size": 32, "val_accuracy": acc, "steps": step + 1,
         "minutes": (time.time() - t0) / 60})
 
 
@@ -167,7 +167,6 @@ def main():
     p.add_argument("--num-images", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=128, help="encoder batch size")
     p.add_argument("--encoder-steps", type=int, default=1500)
-    p.add_argument("--encoder-width", type=int, default=16)
     p.add_argument("--clip-batch-size", type=int, default=256)
     p.add_argument("--clip-steps", type=int, default=1500)
     p.add_argument("--max-minutes", type=float, default=15.0, help="per model")

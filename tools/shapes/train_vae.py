@@ -1,6 +1,6 @@
 """Train the shapes-world VAE: AutoencoderKL, 4 latent channels, 4x downsampling (32x32x3 -> 8x8x4).
 
-    python tools/shapes/train_vae.py --out assets/shapes-teacher/vae --steps 3000 --batch-size 32 --max-minutes 10
+    python tools/shapes/train_vae.py --out assets/shapes-teacher/vae --steps 700 --batch-size 64 --max-minutes 12
 
 Loss: L1 + MSE reconstruction + a small KL. After training, the latent std over train images is measured and
 written into the config as `scaling_factor` (so scaled latents have unit std, as SD expects).
@@ -23,20 +23,20 @@ def make_vae():
     return AutoencoderKL(
         in_channels=3, out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 64), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-        sample_size=32, scaling_factor=1.0, mid_block_add_attention=False,
+        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=32, scaling_factor=1.0,
     )
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/shapes-teacher/vae")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=700)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--num-images", type=int, default=20000)
-    p.add_argument("--max-minutes", type=float, default=10.0)
+    p.add_argument("--max-minutes", type=float, default=12.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log", default="assets/shapes-build-logs/vae.log")
@@ -51,14 +51,12 @@ def main():
     log(f"vae params {sum(q.numel() for q in vae.parameters()) / 1e6:.3f}M")
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
     warm = 50
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
     g = torch.Generator().manual_seed(a.seed)
     t0 = time.time()
     vae.train()
     for step in range(a.steps):
-        # cosine decay over whichever budget runs out first: steps or wall-clock minutes
-        progress = min(1.0, max(step / a.steps, (time.time() - t0) / 60 / a.max_minutes))
-        for group in opt.param_groups:
-            group["lr"] = a.lr * min(1.0, (step + 1) / warm) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
         idx = torch.randint(0, x.shape[0], (a.batch_size,), generator=g)
         xb = x[idx]
         post = vae.encode(xb).latent_dist
@@ -71,7 +69,8 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == a.steps - 1:
+        sched.step()
+        if step % 50 == 0 or step == a.steps - 1:
             log(f"step {step} loss {loss.item():.4f} l1 {l1.item():.4f} mse {mse.item():.5f} kl/dim {kl.item():.3f}")
         if (time.time() - t0) / 60 > a.max_minutes:
             log(f"wall-clock limit reached at step {step}")

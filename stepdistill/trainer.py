@@ -114,7 +114,9 @@ class Trainer:
             if not params:
                 raise StepdistillError(f"objective '{cfg.objective.name}' network '{name}' has nothing to train")
             self.params[name] = params
-            opt = torch.optim.AdamW(params, lr=net.lr, betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
+            betas = net.betas if net.betas is not None else (tc.adam_beta1, tc.adam_beta2)
+            decay = net.weight_decay if net.weight_decay is not None else tc.weight_decay
+            opt = torch.optim.AdamW(params, lr=net.lr, betas=betas, weight_decay=decay)
             updates = math.ceil(tc.max_steps / net.update_every)
             sched = get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps, num_training_steps=updates)
             if not any(m is net.module for m in modules):  # a shared module is prepared (DDP-wrapped) once

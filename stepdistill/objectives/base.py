@@ -37,8 +37,8 @@ class TrainedNetwork:
     # The parameters to optimize; default: all of `module` that require grad. Networks that share one
     # module (LoRA student and LoRA fake score on one frozen base) name their own adapter's parameters here.
     params: list[torch.nn.Parameter] | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
+    betas: tuple[float, float] | None = None  # None: train.adam_beta1 / adam_beta2
+    weight_decay: float | None = None  # None: train.weight_decay
 
 
 @dataclass

@@ -60,7 +60,7 @@ def merged_unet(unet, adapter: str = STUDENT_ADAPTER):
     for module in merged.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge(adapter_names=[adapter])
-    merged.unload_lora() if hasattr(merged, "unload_lora") else None
+    merged.unload_lora()  # drop the peft wrappers; the merged base weights stay
     return merged
 
 

@@ -6,6 +6,7 @@ data order from a seeded stream whose only state is a counter, so resuming from 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -250,7 +251,7 @@ class Trainer:
                 batch = self._batch(self._generator(step, k, micro))
                 gen = self._generator(step, k, micro + 1000)
                 sync = micro == tc.grad_accum - 1
-                with (acc.no_sync(wrapped) if not sync else _null()), acc.autocast():
+                with (acc.no_sync(wrapped) if not sync else contextlib.nullcontext()), acc.autocast():
                     losses = self.objective.losses(name, batch, gen)
                     acc.backward(losses["loss"] / tc.grad_accum)
                 for key, v in losses.items():
@@ -372,14 +373,6 @@ class Trainer:
 
 def _strip_ddp(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _default_prompts(data, n: int = 16) -> list[str]:

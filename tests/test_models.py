@@ -67,3 +67,45 @@ def test_full_student_is_a_separate_fp32_copy_and_guidance_embedding_starts_as_t
         a = student(x, t, encoder_hidden_states=emb, timestep_cond=guidance_scale_embedding(torch.tensor([3.0, 7.0]), 32)).sample
         b = teacher.unet(x, t, encoder_hidden_states=emb).sample
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_adapter_scope_matches_peft_switching_and_restores_state(tiny_sd):
+    import pytest
+
+    from stepdistill.objectives.dmd import FAKE_ADAPTER, add_fake_adapter
+
+    teacher = load_teacher(ModelConfig(teacher=tiny_sd), "cpu")
+    unet = build_student(teacher, StudentConfig(type="lora", lora_rank=4))
+    add_fake_adapter(unet, rank=2, alpha=2.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    emb = teacher.prompt_encoder(["red", "blue"]).embeds
+
+    def run():
+        with torch.no_grad():
+            return unet(x, t, encoder_hidden_states=emb).sample
+
+    outside = run()
+    with adapter_scope(unet, FAKE_ADAPTER):
+        fake = run()
+        with adapter_scope(unet, None):  # nested: the teacher, then back to the fake score
+            base = run()
+        assert torch.equal(run(), fake)
+    assert torch.equal(run(), outside)  # the student adapter is active again
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
+    # the same outputs through peft's own switching
+    unet.set_adapter(FAKE_ADAPTER)
+    assert torch.allclose(run(), fake, atol=1e-6)
+    unet.disable_adapters()
+    assert torch.allclose(run(), base, atol=1e-6)
+    unet.enable_adapters()
+    unet.set_adapter("student")
+    assert torch.allclose(run(), outside, atol=1e-6) and not torch.allclose(fake, outside, atol=1e-3)
+    with pytest.raises(ValueError, match="adapter 'nope'"):
+        with adapter_scope(unet, "nope"):
+            pass

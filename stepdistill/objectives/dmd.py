@@ -83,25 +83,19 @@ class _MidBlockOutput(Exception):
 
 def mid_block_features(den: Denoiser, x_t, t, cond, frozen_params=()) -> torch.Tensor:
     """The UNet's mid-block output, via a forward hook; the up-blocks are never run. `frozen_params` get no
-    gradient (frozen after the adapter switch, which turns the active adapter's requires_grad back on)."""
-    frozen_params = list(frozen_params)
-
-    def freeze(module, args):
-        for p in frozen_params:
-            p.requires_grad_(False)
+    gradient."""
 
     def hook(module, args, output):
         raise _MidBlockOutput(output)
 
-    handles = [den.unet.register_forward_pre_hook(freeze), den.unet.mid_block.register_forward_hook(hook)]
+    handle = den.unet.mid_block.register_forward_hook(hook)
     try:
-        with frozen(frozen_params):
+        with frozen(list(frozen_params)):
             den(x_t, t, cond)
     except _MidBlockOutput as out:
         return out.features.float()
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     raise StepdistillError("the fake-score UNet never ran its mid_block")
 
 

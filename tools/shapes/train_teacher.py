@@ -1,12 +1,13 @@
 """Train the shapes-world teacher (tiny latent diffusion, SD layout) from scratch and save a diffusers folder.
 
-    python tools/shapes/train_teacher.py --out assets/shapes-teacher --steps 6000 --batch-size 64 --max-minutes 40
+    python tools/shapes/train_teacher.py --out assets/shapes-teacher --steps 8000 --batch-size 64 --max-minutes 55
 
 Needs the VAE (tools/shapes/train_vae.py) in <out>/vae. Builds the tokenizer (tools/shapes/build_tokenizer.py) into
 <out>/tokenizer, then trains a CLIPTextModel and a UNet2DConditionModel jointly on VAE latents of the train split
 with eps prediction, min-SNR-5 loss weighting, 10% caption dropout (empty caption, for classifier-free guidance)
 and an EMA of both. The EMA weights are written as a StableDiffusionPipeline folder (with a DDIMScheduler) every
---save-every-minutes and at the end, so a run stopped early (or by --max-minutes) still leaves a usable teacher.
+--save-every-minutes and at the end, so a run stopped early (or by --max-minutes) still leaves a usable teacher;
+at each save the saved teacher's attribute accuracy (DDIM, CFG) on --eval-prompts test prompts is logged.
 A resumable training state goes to --state (outside assets/).
 """
 from __future__ import annotations
@@ -62,6 +63,21 @@ def save_pipeline(out, vae, te, unet, tok, log, extra=None):
         write_json(os.path.join(out, "shapes_teacher.json"), extra)
         write_teacher_spec(out, extra["guidance_scale"])
     log(f"saved pipeline -> {out}")
+    return pipe
+
+
+def accuracy_check(pipe, n, guidance_scale, steps=25):
+    """Attribute accuracy of `pipe` (DDIM `steps`, CFG) on the first n test prompts; None without the encoder."""
+    from stepdistill.data.shapes import shapes_arrays
+    from stepdistill.shapes_eval import EVAL_DIR, ENCODER_FILE, attribute_accuracy
+    from teacher_quality import generate
+
+    if n <= 0 or not (EVAL_DIR / ENCODER_FILE).exists():
+        return None
+    _, prompts, _ = shapes_arrays("test", n)
+    pipe.set_progress_bar_config(disable=True)
+    imgs = generate(pipe, prompts, steps, guidance_scale, seed=0, batch_size=n)
+    return {k: round(v, 3) for k, v in attribute_accuracy(imgs, prompts).items()}
 
 
 def write_teacher_spec(out, guidance_scale, steps=25):
@@ -87,7 +103,7 @@ def encode_latents(vae, x, bs=256):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/shapes-teacher")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--channels", default="32,64,64", help="UNet block_out_channels (CPU cost grows ~quadratically)")
@@ -95,8 +111,9 @@ def main():
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--max-minutes", type=float, default=50.0)
+    p.add_argument("--max-minutes", type=float, default=55.0)
     p.add_argument("--save-every-minutes", type=float, default=6.0)
+    p.add_argument("--eval-prompts", type=int, default=100, help="test prompts for the accuracy check at each save")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="default CFG recorded in shapes_teacher.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -157,11 +174,14 @@ def main():
         log(f"resumed from {a.state} at step {step}")
 
     def save(final=False):
-        save_pipeline(a.out, vae, ema_te, ema_unet, tok, log, extra={
+        pipe = save_pipeline(a.out, vae, ema_te, ema_unet, tok, log, extra={
             "guidance_scale": a.guidance_scale, "train_steps": step, "batch_size": a.batch_size,
             "caption_dropout": a.caption_dropout, "ema": a.ema, "final": final,
             "minutes": (time.time() - t_start) / 60,
         })
+        acc = accuracy_check(pipe, a.eval_prompts, a.guidance_scale)
+        if acc:
+            log(f"step {step} EMA teacher, DDIM 25 steps CFG {a.guidance_scale}: attribute accuracy {acc}")
         os.makedirs(os.path.dirname(os.path.abspath(a.state)), exist_ok=True)
         torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
                     "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step, "gen": g.get_state()},

@@ -1,9 +1,11 @@
 """Train the shapes-world VAE: AutoencoderKL, 4 latent channels, 4x downsampling (32x32x3 -> 8x8x4).
 
-    python tools/shapes/train_vae.py --out assets/shapes-teacher/vae --steps 700 --batch-size 64 --max-minutes 12
+    python tools/shapes/train_vae.py --out assets/shapes-teacher/vae --steps 2400 --batch-size 32 --max-minutes 20
 
 Loss: L1 + MSE reconstruction + a small KL. After training, the latent std over train images is measured and
-written into the config as `scaling_factor` (so scaled latents have unit std, as SD expects).
+written into the config as `scaling_factor` (so scaled latents have unit std, as SD expects). Every
+--eval-every steps the shapes-world encoder (assets/shapes-eval, when present) predicts the attributes of
+reconstructed validation images: the teacher can never be more accurate than its VAE's reconstructions.
 """
 from __future__ import annotations
 
@@ -28,15 +30,33 @@ def make_vae():
     )
 
 
+def _recon_accuracy_fn(xv, captions):
+    """vae -> per-attribute accuracy of the shapes encoder on its reconstructions of `xv`, or None without one."""
+    from stepdistill.shapes_eval import EVAL_DIR, ENCODER_FILE, attribute_accuracy, load_shapes_encoder
+
+    if not (EVAL_DIR / ENCODER_FILE).exists():
+        return None
+    encoder = load_shapes_encoder()
+
+    @torch.no_grad()
+    def accuracy(vae):
+        vae.eval()
+        rec = vae.decode(vae.encode(xv).latent_dist.mode()).sample.clamp(-1, 1)
+        return {k: round(v, 3) for k, v in attribute_accuracy((rec + 1) / 2, captions, encoder).items()}
+
+    return accuracy
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/shapes-teacher/vae")
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--num-images", type=int, default=20000)
-    p.add_argument("--max-minutes", type=float, default=12.0)
+    p.add_argument("--max-minutes", type=float, default=20.0)
+    p.add_argument("--eval-every", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log", default="assets/shapes-build-logs/vae.log")
@@ -45,7 +65,7 @@ def main():
     log = Logger(a.log)
     seed_all(a.seed)
     x, _, _ = images_tensor("train", a.num_images)
-    xv, _, _ = images_tensor("val", 512)
+    xv, caps_v, _ = images_tensor("val", 512)
     log(f"data {tuple(x.shape)}; args {vars(a)}")
     vae = make_vae()
     log(f"vae params {sum(q.numel() for q in vae.parameters()) / 1e6:.3f}M")
@@ -54,6 +74,7 @@ def main():
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
     g = torch.Generator().manual_seed(a.seed)
+    recon_accuracy = _recon_accuracy_fn(xv, caps_v)
     t0 = time.time()
     vae.train()
     for step in range(a.steps):
@@ -72,6 +93,9 @@ def main():
         sched.step()
         if step % 50 == 0 or step == a.steps - 1:
             log(f"step {step} loss {loss.item():.4f} l1 {l1.item():.4f} mse {mse.item():.5f} kl/dim {kl.item():.3f}")
+        if recon_accuracy and (step + 1) % a.eval_every == 0:
+            log(f"step {step + 1} reconstruction attribute accuracy {recon_accuracy(vae)}")
+            vae.train()
         if (time.time() - t0) / 60 > a.max_minutes:
             log(f"wall-clock limit reached at step {step}")
             break
@@ -82,13 +106,16 @@ def main():
         rv = vae.decode(vae.encode(xv).latent_dist.mode()).sample.clamp(-1, 1)
         mse = ((rv - xv) / 2).pow(2).mean().item()
         psnr = 10 * math.log10(1.0 / mse)
+    acc = recon_accuracy(vae) if recon_accuracy else None
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     os.makedirs(a.out, exist_ok=True)
     vae.save_pretrained(a.out, safe_serialization=True)
     write_json(os.path.join(os.path.dirname(os.path.abspath(a.log)), "vae_metrics.json"),
-               {"latent_std": std, "scaling_factor": 1.0 / std, "val_psnr": psnr, "steps": step + 1,
+               {"latent_std": std, "scaling_factor": 1.0 / std, "val_psnr": psnr, "recon_accuracy": acc,
+                "steps": step + 1,
                 "minutes": (time.time() - t0) / 60})
-    log(f"saved {a.out}: latent std {std:.4f} -> scaling_factor {1 / std:.4f}; val PSNR {psnr:.2f} dB")
+    log(f"saved {a.out}: latent std {std:.4f} -> scaling_factor {1 / std:.4f}; val PSNR {psnr:.2f} dB; "
+        f"reconstruction attribute accuracy {acc}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,28 @@ def test_committed_teacher_loads_offline_and_generates():
     assert out.shape == (1, 32, 32, 3) and out.std() > 0.05
 
 
+@needs_teacher
+@needs_eval
+def test_committed_teacher_follows_its_prompts_at_25_steps_and_not_at_1():
+    """The gap distillation closes: the teacher draws what the prompt says with DDIM 25 steps, not with 1."""
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.shapes_eval import attribute_accuracy
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TEACHER_DIR), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = shapes.shapes_prompts("test", 48)
+
+    def accuracy(steps):
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, height=32, width=32,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images
+        return attribute_accuracy(torch.from_numpy(images).permute(0, 3, 1, 2), prompts)
+
+    good, one_step = accuracy(25), accuracy(1)
+    assert min(good[name] for name in shapes.ATTRIBUTE_NAMES) >= 0.85 and good["all"] >= 0.75, good
+    assert one_step["all"] < good["all"] - 0.3, (one_step, good)
+
+
 @needs_eval
 def test_eval_models_score_real_images_far_better_than_noise():
     from stepdistill.shapes_eval import attribute_accuracy, shapes_fid

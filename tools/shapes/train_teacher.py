@@ -4,7 +4,8 @@
 
 Needs the VAE (tools/shapes/train_vae.py) in <out>/vae. Builds the tokenizer (tools/shapes/build_tokenizer.py) into
 <out>/tokenizer, then trains a CLIPTextModel and a UNet2DConditionModel jointly on VAE latents of the train split
-with eps prediction, min-SNR-5 loss weighting, 10% caption dropout (empty caption, for classifier-free guidance)
+with eps prediction, min-SNR-5 loss weighting plus an up-weighting of high-noise timesteps (see
+--high-noise-snr), 10% caption dropout (empty caption, for classifier-free guidance)
 and an EMA of both. The EMA weights are written as a StableDiffusionPipeline folder (with a DDIMScheduler) every
 --save-every-minutes and at the end, so a run stopped early (or by --max-minutes) still leaves a usable teacher;
 at each save the saved teacher's attribute accuracy (DDIM, CFG) on --eval-prompts test prompts is logged.
@@ -27,8 +28,12 @@ from common import Logger, images_tensor, seed_all, write_json
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+# DDPM's linear betas, not SD's scaled_linear 0.00085-0.012: at t=999 the latter keeps sqrt(alpha_bar) = 0.068 of
+# the image in x_t, enough for a network on 8x8 latents to read the layout off the noise during training, and
+# then it ignores the prompt's position when sampling from pure noise (the "flawed noise schedule" problem of
+# Lin et al. 2024). Linear 1e-4..0.02 leaves 0.0064 at t=999.
 SCHEDULER_KWARGS = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     timestep_spacing="trailing",
 )
@@ -43,9 +48,11 @@ def make_text_encoder(tok):
     return CLIPTextModel(cfg)
 
 
-def make_unet(cross_dim, channels=(32, 64, 64)):
+def make_unet(cross_dim, channels=(32, 64, 64), conv_in_kernel=7):
+    # A 7x7 conv_in on 8x8 latents: its zero padding tells every latent pixel where it is (column 2 sees one padded
+    # column, 4 none, 6 two), which the prompt's position needs and which 3x3 convs only learn slowly.
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4,
+        sample_size=8, in_channels=4, out_channels=4, conv_in_kernel=conv_in_kernel,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=tuple(channels), layers_per_block=1, cross_attention_dim=cross_dim,
@@ -90,6 +97,15 @@ def write_teacher_spec(out, guidance_scale, steps=25):
     write_json(os.path.join(out, SPEC_FILE), spec.to_json())
 
 
+def widen_conv_in(state, kernel):
+    """A saved UNet state with its conv_in zero-padded to `kernel` (same function: the old kernel sits centered)."""
+    w = state["conv_in.weight"]
+    pad = (kernel - w.shape[-1]) // 2
+    if pad > 0:
+        state = dict(state, **{"conv_in.weight": F.pad(w, (pad, pad, pad, pad))})
+    return state
+
+
 @torch.no_grad()
 def encode_latents(vae, x, bs=256):
     means, stds = [], []
@@ -110,7 +126,13 @@ def main():
     p.add_argument("--num-images", type=int, default=20000)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--conv-in-kernel", type=int, default=7)
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
+    p.add_argument("--high-noise-snr", type=float, default=0.25,
+                   help="below this SNR the eps loss is weighted by high_noise_snr / snr (at most --high-noise-cap). "
+                        "In the eps loss an error in the implied x0 is scaled by snr, so at high noise (where the "
+                        "layout is decided) the prompt's position barely moves the loss; 0 turns this off")
+    p.add_argument("--high-noise-cap", type=float, default=20.0)
     p.add_argument("--max-minutes", type=float, default=55.0)
     p.add_argument("--save-every-minutes", type=float, default=6.0)
     p.add_argument("--eval-prompts", type=int, default=100, help="test prompts for the accuracy check at each save")
@@ -127,7 +149,7 @@ def main():
     torch.set_num_threads(a.threads)
     log = Logger(a.log)
     seed_all(a.seed)
-    log(f"args {vars(a)}")
+    log(f"args {vars(a)}; noise schedule {SCHEDULER_KWARGS}")
 
     from build_tokenizer import build_tokenizer
 
@@ -147,7 +169,7 @@ def main():
         f"{(mean * sf).std().item():.3f}")
 
     te = make_text_encoder(tok)
-    unet = make_unet(te.config.hidden_size, [int(c) for c in a.channels.split(",")])
+    unet = make_unet(te.config.hidden_size, [int(c) for c in a.channels.split(",")], a.conv_in_kernel)
     log(f"unet params {sum(q.numel() for q in unet.parameters()) / 1e6:.3f}M, text encoder "
         f"{sum(q.numel() for q in te.parameters()) / 1e6:.3f}M")
     params = list(unet.parameters()) + list(te.parameters())
@@ -161,7 +183,8 @@ def main():
     step = 0
     if a.init_from:  # continue from a saved pipeline's (EMA) weights, e.g. the committed teacher
         te.load_state_dict(CLIPTextModel.from_pretrained(os.path.join(a.init_from, "text_encoder")).state_dict())
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(os.path.join(a.init_from, "unet")).state_dict())
+        saved = UNet2DConditionModel.from_pretrained(os.path.join(a.init_from, "unet")).state_dict()
+        unet.load_state_dict(widen_conv_in(saved, a.conv_in_kernel))
         ema_te.load_state_dict(te.state_dict()); ema_unet.load_state_dict(unet.state_dict())
         done = json.load(open(os.path.join(a.init_from, "shapes_teacher.json"))).get("train_steps", 0)
         step = int(done)
@@ -205,6 +228,8 @@ def main():
         h = te(cid).last_hidden_state
         pred = unet(zt, t, h).sample
         w = (snr[t].clamp(max=a.min_snr_gamma) / snr[t]).float() if a.min_snr_gamma > 0 else torch.ones(len(t))
+        if a.high_noise_snr > 0:
+            w = w * (a.high_noise_snr / snr[t]).clamp(1.0, a.high_noise_cap).float()
         loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -211,8 +211,13 @@ class Trainer:
 
             progress = tqdm(total=tc.max_steps, initial=self.state.step, desc="train", dynamic_ncols=True)
         t0, steps_done = time.time(), 0
+        # Each logged value is the mean since the last log over the steps that produced it: with two time-scale
+        # updates a network does not update every step, and a single step's loss is noisy.
+        pending: dict[str, list[float]] = {}
         while self.state.step < tc.max_steps:
             logs = self._train_step()
+            for key, v in logs.items():
+                pending.setdefault(key, []).append(v)
             self.state.step += 1
             self.state.drawn = self.stream.drawn
             steps_done += 1
@@ -221,6 +226,8 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
             if step % tc.log_every == 0 or step == tc.max_steps:
+                logs = {key: sum(vs) / len(vs) for key, vs in pending.items()}
+                pending.clear()
                 logs.update(step=step, it_per_s=steps_done / (time.time() - t0),
                             lr={n: s.get_last_lr()[0] for n, s in self.schedulers.items()})
                 self._log(logs)

@@ -8,6 +8,7 @@ import torch
 from stepdistill.config import ModelConfig, StudentConfig, load_config
 from stepdistill.models import build_student, load_teacher
 from stepdistill.objectives import Batch, DistillSetup, get_objective
+from stepdistill.errors import StepdistillError
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -216,6 +217,41 @@ def test_multistep_student_exports_the_timesteps_it_was_trained_on(tiny_sd):
 
     theirs = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
     assert np.abs(ours - theirs).max() <= 1.5 / 255
+
+
+@pytest.mark.parametrize("name", ["dmd", "vsd"])
+def test_one_step_student_at_a_lower_conditioning_timestep_samples_there(tiny_sd, name):
+    from stepdistill.export import pipeline_with_unet
+    from stepdistill.sampling import generate, make_scheduler
+
+    teacher, student, obj = _objective(tiny_sd, name, "lora", student_timesteps=[699])
+    assert obj.timesteps == [699]
+    spec = obj.sampling_spec()
+    assert spec.timesteps == {1: [699]} and spec.extra["trained_timesteps"] == [699]
+    # the exported pipeline feeds pure noise to the student at t = 699 and decodes its x0, as in training
+    pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    images = generate(pipe, spec, prompts, seeds)
+    x_T = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        x0 = obj.student_x0(x_T, 699, teacher.prompt_encoder(prompts))
+        decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
+    ours = pipe.image_processor.postprocess(decoded, output_type="np")
+    import numpy as np
+
+    theirs = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+    assert np.abs(ours - theirs).max() <= 1.5 / 255
+
+
+@pytest.mark.parametrize("opts,message", [
+    ({"student_timesteps": [999, 499]}, "must list 1 strictly decreasing"),
+    ({"num_steps": 2, "student_timesteps": [499, 999]}, "must list 2 strictly decreasing"),
+    ({"student_timesteps": [1000]}, "must be < 1000"),
+])
+def test_bad_student_timesteps_are_refused(tiny_sd, opts, message):
+    with pytest.raises(StepdistillError, match=message):
+        _objective(tiny_sd, "dmd", "lora", **opts)
 
 
 def _config(teacher, out, objective, student_type, **overrides):

@@ -130,8 +130,21 @@ class FakeScoreOptions:
     fake_lora_rank: int = 16  # the fake score's LoRA on the teacher (fake_score=lora)
     fake_lora_alpha: float = 16.0
     fake_loss: Literal["eps", "x0"] = "eps"  # denoising score matching target of the fake score
+    # The timesteps the student is conditioned on, one per step (default: the trailing grid 999, 749, ...). Its
+    # input at the first one is pure noise whatever the timestep; a lower one (DMD2's one-step SDXL: 399) helps
+    # where alpha_T is tiny, because an eps-prediction UNet's x0 = (x - sigma eps) / alpha amplifies eps errors
+    # by sigma / alpha (150x at t = 999 of the linear-beta DDPM schedule, 15x for SD's scaled_linear).
+    student_timesteps: list[int] | None = None
+
+    def num_student_steps(self) -> int:
+        return 1
 
     def check(self) -> None:
+        ts = self.student_timesteps
+        if ts is not None and (len(ts) != self.num_student_steps() or any(b >= a for a, b in zip(ts, ts[1:]))
+                               or min(ts) < 0):
+            raise StepdistillError(f"objective.options.student_timesteps must list {self.num_student_steps()} "
+                                   "strictly decreasing timesteps >= 0")
         if not 0 <= self.t_min <= self.t_max <= 1:
             raise StepdistillError("objective.options needs 0 <= t_min <= t_max <= 1")
         if self.ttur < 1:
@@ -155,6 +168,10 @@ class DistributionMatching(Objective):
         teacher, o = setup.teacher, options
         self.T = teacher.schedule.num_train_timesteps
         self.schedule = teacher.schedule
+        ts = o.student_timesteps or trailing_timesteps(self.T, o.num_student_steps())
+        if max(ts) >= self.T:
+            raise StepdistillError(f"objective.options.student_timesteps must be < {self.T}")
+        self._timesteps = [int(t) for t in ts]
         if getattr(setup.student.config, "time_cond_proj_dim", None) is not None:
             raise StepdistillError(f"objective '{self.name}' trains students without a guidance embedding; "
                                    "set student.guidance_embedding=false")
@@ -194,7 +211,7 @@ class DistributionMatching(Objective):
     # --- the student as a sampler --------------------------------------------------------------------------
     @property
     def timesteps(self) -> list[int]:
-        return [self.T - 1]
+        return self._timesteps
 
     def _t(self, t: int, b: int, device) -> torch.Tensor:
         return torch.full((b,), int(t), device=device, dtype=torch.long)
@@ -264,7 +281,6 @@ class DistributionMatching(Objective):
 @dataclass
 class DMDOptions(FakeScoreOptions):
     num_steps: int = 1  # the student's step count (1: DMD; 2-4: DMD2 multi-step)
-    student_timesteps: list[int] | None = None  # default: trailing grid (999, 749, 499, 249 for 4 steps)
     backward_simulation: bool = True  # DMD2: step i's input is the student's own rollout (else: noised real images)
     normalize: bool = True  # DMD's per-sample weighting 1 / mean|x0 - x0_real|
     fake_score: Literal["lora", "full"] = "lora"
@@ -274,15 +290,13 @@ class DMDOptions(FakeScoreOptions):
     regression_weight: float = 0.0  # DMD1: l2 to teacher ODE outputs from the same noise (0 = off)
     regression_steps: int = 8  # teacher DDIM steps (with CFG) to make each regression target, on the fly
 
+    def num_student_steps(self) -> int:
+        return self.num_steps
+
     def check(self) -> None:
-        super().check()
         if self.num_steps < 1:
             raise StepdistillError("objective.options.num_steps must be >= 1")
-        if self.student_timesteps is not None:
-            ts = self.student_timesteps
-            if len(ts) != self.num_steps or any(b >= a for a, b in zip(ts, ts[1:])) or min(ts) < 0:
-                raise StepdistillError("objective.options.student_timesteps must list num_steps strictly "
-                                       "decreasing timesteps >= 0")
+        super().check()
         if self.gan_weight < 0 or self.regression_weight < 0:
             raise StepdistillError("objective.options gan_weight and regression_weight must be >= 0")
         if self.regression_steps < 1:
@@ -301,19 +315,11 @@ class DMD(DistributionMatching):
         super().__init__(setup, options)
         o = options
         self.needs_images = o.gan_weight > 0 or (o.num_steps > 1 and not o.backward_simulation)
-        ts = o.student_timesteps or trailing_timesteps(self.T, o.num_steps)
-        if max(ts) >= self.T:
-            raise StepdistillError(f"objective.options.student_timesteps must be < {self.T}")
-        self._timesteps = [int(t) for t in ts]
         self.disc = None
         if o.gan_weight > 0:
             channels = self.fake.unet.config.block_out_channels[-1]
             self.disc = DiscriminatorHead(channels, o.disc_hidden).to(setup.device)
         self.disc_train = self.disc
-
-    @property
-    def timesteps(self):
-        return self._timesteps
 
     def networks(self):
         nets = super().networks()

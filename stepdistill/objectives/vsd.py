@@ -1,7 +1,8 @@
 """Variational score distillation for one-step text-to-image students (SwiftBrush).
 
-The student maps pure noise x_T (at t = T - 1) to x0. A LoRA on the teacher (the "fake" score, as in
-ProlificDreamer) tracks the student's output distribution by denoising score matching; the student follows
+The student maps pure noise x_T (conditioned on timestep T - 1, or `student_timesteps`) to x0. A LoRA on the
+teacher (the "fake" score, as in ProlificDreamer) tracks the student's output distribution by denoising score
+matching; the student follows
 
     x_t    = alpha_t x0 + sigma_t eps,               t ~ U[t_min T, t_max T]
     grad   = w(t) (eps_teacher_cfg(x_t) - eps_fake(x_t)),   w(t) = sigma_t^2 (= 1 - alpha_bar_t) by default

@@ -2,8 +2,8 @@
 the teacher, and write a markdown table (FID, CLIP score, attribute accuracy, training loop time). Every number
 comes from this run.
 
-    python tools/shapes_results.py --out results/shapes-dm            # train (two at a time) + evaluate
-    python tools/shapes_results.py --out results/shapes-dm --skip-train   # re-evaluate finished runs
+    python tools/shapes_results.py --out results/shapes-final         # train (two at a time) + evaluate
+    python tools/shapes_results.py --out results/shapes-final --skip-train   # re-evaluate finished runs
 
 Trainings run as subprocesses with logs in OUT/logs/ (one intra-op thread each: on a shared CPU, OpenMP
 threads of several processes fighting over the cores make everything many times slower).
@@ -110,7 +110,7 @@ def _fmt(v, nd):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results/shapes-dm")
+    ap.add_argument("--out", default="results/shapes-final")
     ap.add_argument("--configs", nargs="*", help="configs to run (default: dmd2_1step, dmd2_4step, vsd_1step, consistency_lora)")
     ap.add_argument("--skip-train", action="store_true", help="reuse finished runs in OUT/runs")
     ap.add_argument("--resume", action="store_true", help="continue interrupted runs in OUT from their last checkpoint")
@@ -154,12 +154,15 @@ def main(argv=None):
     info = snapshot / "shapes_teacher.json"
     if info.is_file():
         teacher_info = json.loads(info.read_text())
-    lines = ["| model | steps | NFE | FID | CLIP | attr. acc. | training loop time |", "|---|---|---|---|---|---|---|"]
+    attrs = ["shape", "color", "background", "size", "position"]
+    lines = [f"| model | steps | NFE | FID | CLIP | {' | '.join(attrs)} | all correct | training loop time |",
+             "|---" * (7 + len(attrs)) + "|"]
     for r in rows:
         wall = walls.get(r["label"])
-        lines.append(f"| {r['label']} | {r.get('steps') or '-'} | {r.get('nfe') or '-'} | {_fmt(r.get('fid'), 3)} | "
-                     f"{_fmt(r.get('clip_score'), 2)} | {_fmt(r.get('attribute_accuracy'), 3)} | "
-                     f"{'-' if wall is None else f'{wall / 60:.1f} min'} |")
+        detail = r.get("attribute_accuracy_detail") or {}
+        lines.append(f"| {r['label']} | {r.get('steps') or '-'} | {r.get('nfe') or '-'} | {_fmt(r.get('fid'), 1)} | "
+                     f"{_fmt(r.get('clip_score'), 1)} | {' | '.join(_fmt(detail.get(a), 2) for a in attrs)} | "
+                     f"{_fmt(r.get('attribute_accuracy'), 2)} | {'-' if wall is None else f'{wall / 60:.1f} min'} |")
     table = "\n".join(lines)
     header = (f"Shapes world, {args.num_images} images per row (seeds {args.seed}..), teacher "
               f"`{args.teacher}` ({json.dumps(teacher_info)}), teacher CFG {args.teacher_guidance} with DDIM; "

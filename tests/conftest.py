@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 
@@ -32,3 +33,10 @@ def run_config(teacher, out, **overrides):
             "objective.options.num_ddim_timesteps": 10}
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def free_port() -> int:
+    """A free TCP port for a two-process accelerate launch (its default 29500 may be taken by another run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from stepdistill.errors import StepdistillError
 from stepdistill.evaluate import fid as fidmod
 from stepdistill.evaluate.fid import FeatureStats, frechet_distance
@@ -375,7 +376,8 @@ def test_two_processes_give_the_same_images_and_report(evaluated, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO) + os.pathsep +
            os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "stepdistill", *_eval_args(model, out2, ["--speed-batches", "0"])]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "stepdistill", *_eval_args(model, out2, ["--speed-batches", "0"])]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     two = json.loads((out2 / "report.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_config
+from conftest import free_port, run_config
 from stepdistill.errors import StepdistillError
 from stepdistill.objectives import Batch
 from stepdistill.trainer import Trainer, list_checkpoints
@@ -89,6 +89,7 @@ def test_two_process_ddp_keeps_replicas_identical(tiny_sd, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
            "-m", "stepdistill", "train", "configs/shapes/consistency_lora.yaml", *overrides]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).parent.parent)

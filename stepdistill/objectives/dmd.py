@@ -133,7 +133,7 @@ class FakeScoreOptions:
     # The timesteps the student is conditioned on, one per step (default: the trailing grid 999, 749, ...). Its
     # input at the first one is pure noise whatever the timestep; a lower one (DMD2's one-step SDXL: 399) helps
     # where alpha_T is tiny, because an eps-prediction UNet's x0 = (x - sigma eps) / alpha amplifies eps errors
-    # by sigma / alpha (150x at t = 999 of the linear-beta DDPM schedule, 15x for SD's scaled_linear).
+    # by sigma / alpha (160x at t = 999 of the linear-beta DDPM schedule, 15x for SD's scaled_linear).
     student_timesteps: list[int] | None = None
 
     def num_student_steps(self) -> int:

@@ -142,7 +142,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
-        if value in typing.get_args(tp):
+        options = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads no/off (yes/on) as false (true): `mixed_precision: no`
+            spelled = [a for a in options if isinstance(a, str)
+                       and a.lower() in (("yes", "on", "true") if value else ("no", "off", "false"))]
+            if len(spelled) == 1:
+                return spelled[0]
+        if value in options:
             return value
         raise StepdistillError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
     if origin in (typing.Union, types.UnionType):

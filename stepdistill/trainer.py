@@ -335,8 +335,12 @@ class Trainer:
         was_training = unet.training
         unet.eval()
         pipe = pipeline_with_unet(self.teacher, unet, make_scheduler(spec))
-        images = generate(pipe, spec, prompts, list(range(len(prompts))), height=self.cfg.data.resolution,
-                          width=self.cfg.data.resolution)
+        # Under mixed precision accelerate has patched the UNet's forward to return fp32, so the latents reach
+        # the half-precision VAE as fp32 (seen on an H200: "Input type (float) and bias type (c10::Half)");
+        # sampling under the same autocast as training matches them. A no-op without mixed precision.
+        with self.accelerator.autocast():
+            images = generate(pipe, spec, prompts, list(range(len(prompts))), height=self.cfg.data.resolution,
+                              width=self.cfg.data.resolution)
         unet.train(was_training)
         path = self.run_dir / "samples" / f"step_{step:06d}_{spec.num_inference_steps}steps.png"
         save_image_atomic(image_grid(images), path)

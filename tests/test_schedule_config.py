@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -73,6 +75,16 @@ def test_defaults_and_overrides_are_typed(tmp_path):
                              "objective.options.w_max=6", "train.sample_prompts=[a, b]"])
     assert cfg.train.max_steps == 12 and cfg.train.lr == 3e-4 and cfg.student.type == "full"
     assert cfg.objective.options["w_max"] == 6 and cfg.train.sample_prompts == ["a", "b"]
+
+
+def test_yaml_booleans_spelled_as_a_choice_are_read_as_that_choice(tmp_path):
+    # YAML 1.1 reads `no` as false: `mixed_precision: no` (file or override) must still mean "no"
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(tmp_path / "c.yaml"), []).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(StepdistillError, match=re.escape("must be one of 'lora' | 'full', got False")):
+        load_config(None, ["student.type=no"])
 
 
 @pytest.mark.parametrize("override, message", [

@@ -185,8 +185,7 @@ def test_discriminator_head_learns_and_generator_gan_gradient_flows(tiny_sd):
 
 
 def test_multistep_student_exports_the_timesteps_it_was_trained_on(tiny_sd):
-    from stepdistill.export import pipeline_with_unet
-    from stepdistill.sampling import generate, make_scheduler
+    from stepdistill.sampling import make_scheduler
 
     teacher, student, obj = _objective(tiny_sd, "dmd", "lora", num_steps=4)
     assert obj.timesteps == [999, 749, 499, 249]
@@ -200,48 +199,42 @@ def test_multistep_student_exports_the_timesteps_it_was_trained_on(tiny_sd):
     assert sched.timesteps.tolist() == obj.timesteps
 
     # generate() reproduces the training-time rollout exactly: same timesteps, x0 re-noised with fresh noise
+    def rollout_x0(x_T, cond):
+        return obj.student_x0(obj.rollout(x_T, cond, 3, torch.default_generator), 249, cond)
+
+    _assert_exported_sampling_matches(teacher, student, spec, rollout_x0)
+
+
+def _assert_exported_sampling_matches(teacher, student, spec, student_x0_from_noise):
+    """generate() through the exported pipeline == decoding `student_x0_from_noise(x_T, cond)` for the same noise."""
+    import numpy as np
+
+    from stepdistill.export import pipeline_with_unet
+    from stepdistill.sampling import generate, make_scheduler
+
     pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = ["a red circle", "a blue square"], [11, 12]
-    torch.manual_seed(123)
+    torch.manual_seed(123)  # the re-noising of multistep sampling draws from the global generator
     images = generate(pipe, spec, prompts, seeds)
     x_T = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    cond = teacher.prompt_encoder(prompts)
     torch.manual_seed(123)
     with torch.no_grad():
-        x = obj.rollout(x_T, cond, 3, torch.default_generator)
-        x0 = obj.student_x0(x, 249, cond)
+        x0 = student_x0_from_noise(x_T, teacher.prompt_encoder(prompts))
         decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     ours = pipe.image_processor.postprocess(decoded, output_type="np")
-    import numpy as np
-
     theirs = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
     assert np.abs(ours - theirs).max() <= 1.5 / 255
 
 
 @pytest.mark.parametrize("name", ["dmd", "vsd"])
 def test_one_step_student_at_a_lower_conditioning_timestep_samples_there(tiny_sd, name):
-    from stepdistill.export import pipeline_with_unet
-    from stepdistill.sampling import generate, make_scheduler
-
     teacher, student, obj = _objective(tiny_sd, name, "lora", student_timesteps=[699])
     assert obj.timesteps == [699]
     spec = obj.sampling_spec()
     assert spec.timesteps == {1: [699]} and spec.extra["trained_timesteps"] == [699]
     # the exported pipeline feeds pure noise to the student at t = 699 and decodes its x0, as in training
-    pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
-    pipe.set_progress_bar_config(disable=True)
-    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
-    images = generate(pipe, spec, prompts, seeds)
-    x_T = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    with torch.no_grad():
-        x0 = obj.student_x0(x_T, 699, teacher.prompt_encoder(prompts))
-        decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
-    ours = pipe.image_processor.postprocess(decoded, output_type="np")
-    import numpy as np
-
-    theirs = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
-    assert np.abs(ours - theirs).max() <= 1.5 / 255
+    _assert_exported_sampling_matches(teacher, student, spec, lambda x_T, cond: obj.student_x0(x_T, 699, cond))
 
 
 @pytest.mark.parametrize("opts,message", [
@@ -262,6 +255,20 @@ def _config(teacher, out, objective, student_type, **overrides):
             "objective.options.fake_lora_rank": 4}
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def test_logged_values_are_means_since_the_last_log_for_every_network(tiny_sd, tmp_path, monkeypatch):
+    from stepdistill.trainer import Trainer
+
+    # with ttur = 2 the student updates on even steps only; a row must still carry its loss
+    scripted = iter([{"loss": 1.0, "fake/loss": 10.0}, {"fake/loss": 20.0},
+                     {"loss": 3.0, "fake/loss": 30.0}, {"fake/loss": 50.0}])
+    monkeypatch.setattr(Trainer, "_train_step", lambda self: next(scripted))
+    cfg = _config(tiny_sd, tmp_path / "run", "dmd", "lora", **{"objective.options.ttur": 2, "train.log_every": 2,
+                                                              "train.max_steps": 4, "train.checkpoint_every": 4})
+    Trainer(cfg).train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["fake/loss"]) for r in rows] == [(2, 1.0, 15.0), (4, 3.0, 40.0)]
 
 
 @pytest.mark.parametrize("objective,student_type,opts", [

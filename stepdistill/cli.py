@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        from .evaluate.dist import release_process_group
+
+        release_process_group()
+        return rc
     except StepdistillError as err:
         if args.verbose:
             raise

@@ -61,6 +61,16 @@ class Dist:
         return box[0]
 
 
+def release_process_group() -> None:
+    """Destroy the process group of a finished multi-process command while the interpreter is whole: left to
+    interpreter exit, a gloo worker thread can abort the process (see Trainer.close)."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
+
+
 def chunks(n: int, batch_size: int) -> List[range]:
     return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 

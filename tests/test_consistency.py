@@ -151,6 +151,17 @@ def test_consistency_sampling_spec_uses_lcm_grid(tiny_sd):
     assert spec.timesteps[1] == [999]
 
 
+def test_coarse_grid_spec_lists_only_step_counts_the_grid_has(tiny_sd):
+    # a 5-point grid cannot be sampled in 8 steps: the spec must leave 8 out, not fail at export time
+    teacher, student = _setup(tiny_sd, "lora")
+    cls = get_objective("consistency")
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")),
+              cls.parse_options({**OPTS, "num_ddim_timesteps": 5, "num_inference_steps": 4}))
+    spec = obj.sampling_spec()
+    assert sorted(spec.timesteps) == [1, 2, 4]
+    assert spec.timesteps[4] == [999, 799, 599, 399]
+
+
 @pytest.mark.parametrize("loss", ["l2", "huber"])
 def test_distance_primitives(loss):
     from stepdistill.losses import distance

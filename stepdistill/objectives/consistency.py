@@ -116,7 +116,8 @@ class Consistency(Objective):
         config = dict(self.setup.teacher.scheduler_config)
         config.update(original_inference_steps=o.num_ddim_timesteps, timestep_scaling=o.timestep_scaling,
                       timestep_spacing="leading")
-        steps = sorted({1, 2, 4, 8, o.num_inference_steps})
+        # LCMScheduler refuses more steps than its grid has (num_ddim_timesteps)
+        steps = sorted(n for n in {1, 2, 4, 8, o.num_inference_steps} if n <= o.num_ddim_timesteps)
         return SamplingSpec(format="lora" if self.setup.student_type == "lora" else "full",
                             scheduler_class="LCMScheduler", scheduler_config=config,
                             num_inference_steps=o.num_inference_steps,

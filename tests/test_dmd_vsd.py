@@ -184,6 +184,43 @@ def test_discriminator_head_learns_and_generator_gan_gradient_flows(tiny_sd):
     assert all(p.grad is None for p in obj.fake_params) and all(p.grad is None for p in disc.module.parameters())
 
 
+def test_fake_score_update_with_gan_head_matches_hand_written(tiny_sd):
+    """DMD2's guidance update: DSM + fake_disc_weight * the discriminator loss, the latter reaching the fake
+    UNet's weights through its mid-block features but not the head's, written out with separate forwards."""
+    from stepdistill.losses import gan_discriminator_loss
+    from stepdistill.objectives.dmd import mid_block_features
+
+    teacher, _, obj = _objective(tiny_sd, "dmd", "lora", gan_weight=0.5, fake_disc_weight=0.3, disc_t_max=0.3)
+    batch = _batch(teacher, images=True)
+    out = obj.losses("fake", batch, torch.Generator().manual_seed(5))
+    got = torch.autograd.grad(out["loss"], obj.fake_params)
+    assert all(p.grad is None for p in obj.disc.parameters())
+
+    gen = torch.Generator().manual_seed(5)  # the objective's draws, in its order
+    x0 = obj.student_sample(batch, gen, train=False)
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    t_d = torch.randint(20, 300 + 1, (4,), generator=gen).repeat(2)  # disc_t_max 0.3
+    noise_d = torch.randn((8, *x0.shape[1:]), generator=gen)
+    ac = _alphas_cumprod(tiny_sd)
+    noised = lambda x, n, tt: ac[tt].sqrt().view(-1, 1, 1, 1) * x + (1 - ac[tt]).sqrt().view(-1, 1, 1, 1) * n  # noqa: E731
+    fake = _raw_unet(teacher.unet, "fake")
+    dsm = ((fake(noised(x0, eps, t), t, batch.cond.embeds) - eps) ** 2).mean()
+    x_d = noised(torch.cat([batch.latents, x0]), noise_d, t_d)
+    feats = mid_block_features(obj.fake, x_d, t_d, batch.cond.cat(batch.cond))
+    real_logits, fake_logits = obj.disc(feats).chunk(2)
+    cls = gan_discriminator_loss(real_logits, fake_logits)
+    expected = dsm + 0.3 * cls
+    want = torch.autograd.grad(expected, obj.fake_params, retain_graph=True)
+    assert torch.allclose(out["dsm_loss"], dsm, rtol=1e-5) and torch.allclose(out["cls_loss"], cls, rtol=1e-5)
+    assert torch.allclose(out["loss"], expected, rtol=1e-5)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+    # the classification term is not zero: it changes the fake score's gradient
+    cls_grads = torch.autograd.grad(cls, obj.fake_params, allow_unused=True)
+    assert sum(float(g.abs().sum()) for g in cls_grads if g is not None) > 0
+
+
 def test_multistep_student_exports_the_timesteps_it_was_trained_on(tiny_sd):
     from stepdistill.sampling import make_scheduler
 
@@ -241,8 +278,10 @@ def test_one_step_student_at_a_lower_conditioning_timestep_samples_there(tiny_sd
     ({"student_timesteps": [999, 499]}, "must list 1 strictly decreasing"),
     ({"num_steps": 2, "student_timesteps": [499, 999]}, "must list 2 strictly decreasing"),
     ({"student_timesteps": [1000]}, "must be < 1000"),
+    ({"gan_weight": 0.1, "disc_t_max": 0.01}, "disc_t_max must be in"),
+    ({"gan_weight": 0.1, "fake_disc_weight": -1}, "fake_disc_weight"),
 ])
-def test_bad_student_timesteps_are_refused(tiny_sd, opts, message):
+def test_bad_options_are_refused(tiny_sd, opts, message):
     with pytest.raises(StepdistillError, match=message):
         _objective(tiny_sd, "dmd", "lora", **opts)
 

@@ -7,7 +7,7 @@ score), both evaluated on the student output noised to a random t:
     x_t    = alpha_t x0 + sigma_t eps,                   t ~ U[t_min T, t_max T]
     grad   = (x0_fake(x_t) - x0_real(x_t)) / mean|x0 - x0_real(x_t)|    (per sample; x0_real with CFG w)
     L_G    = 0.5 ||x0 - sg(x0 - grad)||^2  [+ gan_weight * softplus(-D(x0))]  [+ regression_weight * ||x0 - ODE(x_T)||^2]
-    L_fake = ||eps_fake(x_t') - eps'||^2 on sg(x0), t' ~ U[0, T)            (denoising score matching)
+    L_fake = ||eps_fake(x_t') - eps'||^2 on sg(x0), t' ~ U[0, T)  [+ fake_disc_weight * L_D through the fake UNet]
     L_D    = softplus(-D(real x_t)) + softplus(D(sg(x0)_t))                   (D: a head on fake-UNet mid-block features)
 
 DMD2 parts, each switchable: two time-scale updates (`ttur`: the generator is updated every K steps, fake score
@@ -97,6 +97,17 @@ def mid_block_features(den: Denoiser, x_t, t, cond, frozen_params=()) -> torch.T
     finally:
         handle.remove()
     raise StepdistillError("the fake-score UNet never ran its mid_block")
+
+
+@contextlib.contextmanager
+def recording_mid_block(unet):
+    """Records the UNet's mid-block output of every forward inside (the whole UNet still runs)."""
+    outputs: list[torch.Tensor] = []
+    handle = unet.mid_block.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
 
 
 class DiscriminatorHead(torch.nn.Module):
@@ -244,8 +255,9 @@ class DistributionMatching(Objective):
         with torch.set_grad_enabled(train):
             return self.student_x0(x, ts[i], batch.cond, train=train)
 
-    def sample_t(self, b: int, gen: torch.Generator, device) -> torch.Tensor:
-        lo, hi = int(self.opt.t_min * self.T), min(int(self.opt.t_max * self.T), self.T - 1)
+    def sample_t(self, b: int, gen: torch.Generator, device, t_max: float | None = None) -> torch.Tensor:
+        t_max = self.opt.t_max if t_max is None else t_max
+        lo, hi = int(self.opt.t_min * self.T), min(int(t_max * self.T), self.T - 1)
         return torch.randint(lo, hi + 1, (b,), generator=gen, device=device)
 
     # --- the fake score --------------------------------------------------------------------------------------
@@ -255,8 +267,10 @@ class DistributionMatching(Objective):
         t = torch.randint(0, self.T, (x0.shape[0],), generator=gen, device=x0.device)
         eps = torch.randn(x0.shape, generator=gen, device=x0.device)
         x0_pred, eps_pred = self.fake_train.x0_eps(self.schedule.add_noise(x0, eps, t), t, batch.cond)
-        loss = l2(eps_pred, eps).mean() if self.opt.fake_loss == "eps" else denoising_score_matching(x0_pred, x0)
-        return {"loss": loss}
+        return {"loss": self.score_matching_loss(x0_pred, eps_pred, x0, eps)}
+
+    def score_matching_loss(self, x0_pred, eps_pred, x0, eps) -> torch.Tensor:
+        return l2(eps_pred, eps).mean() if self.opt.fake_loss == "eps" else denoising_score_matching(x0_pred, x0)
 
     # --- export ----------------------------------------------------------------------------------------------
     def sampling_spec(self):
@@ -287,6 +301,12 @@ class DMDOptions(FakeScoreOptions):
     gan_weight: float = 0.0  # DMD2: generator's non-saturating GAN loss weight (0 = no discriminator)
     disc_lr: float | None = None  # default: fake_lr
     disc_hidden: int = 256
+    # DMD2's guidance_cls_loss_weight: the discriminator loss, at this weight, also trains the fake score's UNet
+    # (whose mid-block features the head reads) in the fake score's update; 0: only the head learns
+    fake_disc_weight: float = 1e-2
+    # the discriminator's inputs are noised to t ~ U[t_min T, disc_t_max T] (DMD2's diffusion_gan_max_timestep);
+    # None: t_max. Where alpha_bar is tiny (t > 500 on a linear-beta schedule), real and fake are inseparable.
+    disc_t_max: float | None = None
     regression_weight: float = 0.0  # DMD1: l2 to teacher ODE outputs from the same noise (0 = off)
     regression_steps: int = 8  # teacher DDIM steps (with CFG) to make each regression target, on the fly
 
@@ -297,8 +317,10 @@ class DMDOptions(FakeScoreOptions):
         if self.num_steps < 1:
             raise StepdistillError("objective.options.num_steps must be >= 1")
         super().check()
-        if self.gan_weight < 0 or self.regression_weight < 0:
-            raise StepdistillError("objective.options gan_weight and regression_weight must be >= 0")
+        if self.gan_weight < 0 or self.regression_weight < 0 or self.fake_disc_weight < 0:
+            raise StepdistillError("objective.options gan_weight, fake_disc_weight and regression_weight must be >= 0")
+        if self.disc_t_max is not None and not self.t_min <= self.disc_t_max <= 1:
+            raise StepdistillError("objective.options.disc_t_max must be in [t_min, 1]")
         if self.regression_steps < 1:
             raise StepdistillError("objective.options.regression_steps must be >= 1")
 
@@ -335,6 +357,8 @@ class DMD(DistributionMatching):
 
     def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         if network == "fake":
+            if self.disc is not None and self.opt.fake_disc_weight > 0:
+                return self.fake_loss_with_disc(batch, gen)
             return self.fake_loss(batch, gen)
         if network == "disc":
             return self.disc_loss(batch, gen)
@@ -354,7 +378,7 @@ class DMD(DistributionMatching):
         out = {"dmd_loss": dmd}
         loss = dmd
         if self.disc is not None:
-            t_d = self.sample_t(b, gen, dev)
+            t_d = self.sample_t(b, gen, dev, o.disc_t_max)
             x_d = self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t_d)
             with frozen(list(self.disc.parameters())):  # only x0 gets gradients
                 logits = self.disc(mid_block_features(self.fake, x_d, t_d, batch.cond, self.fake_params))
@@ -366,19 +390,39 @@ class DMD(DistributionMatching):
         out["loss"] = loss
         return out
 
+    def disc_inputs(self, batch: Batch, fake_x0: torch.Tensor, gen: torch.Generator):
+        """Real latents and student samples (in that order), each pair noised to one t ~ U[t_min T, disc_t_max T]."""
+        b, dev = fake_x0.shape[0], fake_x0.device
+        x0 = torch.cat([batch.latents, fake_x0])
+        t = self.sample_t(b, gen, dev, self.opt.disc_t_max).repeat(2)
+        return self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t), t
+
     def disc_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The discriminator head on the fake UNet's mid-block features of noised real images vs student samples."""
-        fake_x0 = self.student_sample(batch, gen, train=False)
-        real_x0 = batch.latents
-        b, dev = fake_x0.shape[0], fake_x0.device
-        x0 = torch.cat([real_x0, fake_x0])
-        t = self.sample_t(b, gen, dev).repeat(2)
-        x_t = self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t)
+        x_t, t = self.disc_inputs(batch, self.student_sample(batch, gen, train=False), gen)
         with torch.no_grad():
             feats = mid_block_features(self.fake, x_t, t, batch.cond.cat(batch.cond))
         real_logits, fake_logits = self.disc_train(feats).chunk(2)
         return {"loss": gan_discriminator_loss(real_logits, fake_logits),
                 "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
+
+    def fake_loss_with_disc(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """DMD2's guidance update: denoising score matching + fake_disc_weight * the discriminator loss, whose
+        gradient reaches the fake UNet through the mid-block features (the head itself is frozen here and
+        learns in its own update). One forward over both inputs: a DDP-wrapped fake score runs once per update."""
+        x0 = self.student_sample(batch, gen, train=False)
+        b, dev = x0.shape[0], x0.device
+        t = torch.randint(0, self.T, (b,), generator=gen, device=dev)
+        eps = torch.randn(x0.shape, generator=gen, device=dev)
+        x_d, t_d = self.disc_inputs(batch, x0, gen)
+        x_all = torch.cat([self.schedule.add_noise(x0, eps, t), x_d])
+        cond = batch.cond.cat(batch.cond).cat(batch.cond)
+        with recording_mid_block(self.fake.unet) as mid, frozen(list(self.disc.parameters())):
+            x0_pred, eps_pred = self.fake_train.x0_eps(x_all, torch.cat([t, t_d]), cond)
+            real_logits, fake_logits = self.disc(mid[-1][b:].float()).chunk(2)
+        dsm = self.score_matching_loss(x0_pred[:b], eps_pred[:b], x0, eps)
+        cls = gan_discriminator_loss(real_logits, fake_logits)
+        return {"loss": dsm + self.opt.fake_disc_weight * cls, "dsm_loss": dsm, "cls_loss": cls}
 
     def regression_loss(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
         """DMD1's regression term: the one-step student from noise z vs the CFG teacher's DDIM solution from z."""
@@ -396,4 +440,4 @@ class DMD(DistributionMatching):
 
 
 __all__ = ["DMD", "DMDOptions", "DistributionMatching", "FakeScoreOptions", "DiscriminatorHead", "FAKE_ADAPTER",
-           "add_fake_adapter", "adapter_params", "mid_block_features", "trailing_timesteps"]
+           "add_fake_adapter", "adapter_params", "mid_block_features", "recording_mid_block", "trailing_timesteps"]

@@ -84,7 +84,11 @@ def make_scheduler(spec: SamplingSpec):
 def scheduler_timesteps(name: str, config: dict, steps: int) -> list[int]:
     """The timesteps a diffusers scheduler picks for `steps` steps."""
     sched = scheduler_class(name).from_config(config)
-    sched.set_timesteps(steps)
+    try:
+        sched.set_timesteps(steps)
+    except ValueError as err:  # e.g. LCMScheduler asked for more steps than its original_inference_steps grid
+        raise StepdistillError(f"{type(sched).__name__} cannot sample in {steps} steps with this config: "
+                               f"{str(err).strip().splitlines()[0][:300]}") from None
     return [int(t) for t in sched.timesteps]
 
 
@@ -160,6 +164,8 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
     explicit = (spec.timesteps or {}).get(steps)
     if explicit is not None and "timesteps" in inspect.signature(pipe.scheduler.set_timesteps).parameters:
         kwargs = {"timesteps": explicit}
+    else:  # a step count the scheduler refuses stops here, in one line
+        scheduler_timesteps(type(pipe.scheduler).__name__, dict(pipe.scheduler.config), steps)
     device = pipe.device
     images = []
     for i in range(0, len(prompts), batch_size):

@@ -160,6 +160,12 @@ def test_coarse_grid_spec_lists_only_step_counts_the_grid_has(tiny_sd):
     spec = obj.sampling_spec()
     assert sorted(spec.timesteps) == [1, 2, 4]
     assert spec.timesteps[4] == [999, 799, 599, 399]
+    # asked directly, the scheduler's refusal is one line, not a traceback
+    from stepdistill.errors import StepdistillError
+    from stepdistill.sampling import scheduler_timesteps
+
+    with pytest.raises(StepdistillError, match="cannot sample in 8 steps"):
+        scheduler_timesteps("LCMScheduler", spec.scheduler_config, 8)
 
 
 @pytest.mark.parametrize("loss", ["l2", "huber"])

@@ -139,3 +139,7 @@ def test_quick_start_job_runs_on_the_bundled_teacher(tmp_path, capsys):
     assert spec.base_model == "assets/shapes-teacher" and spec.scheduler_class == "LCMScheduler"
     images = generate(pipe, spec, ["a small blue square at the top left on a white background"], [0])
     assert images[0].size == (32, 32)
+    # more steps than the quick start's 10-point grid has: one line from the CLI, not diffusers' traceback
+    assert main(["sample", str(out / "export"), "--prompt", "a red circle", "--steps", "20",
+                 "--out", str(tmp_path / "g.png")]) == 2
+    assert "cannot sample in 20 steps" in capsys.readouterr().err and not (tmp_path / "g.png").exists()

@@ -1,11 +1,12 @@
 """Can the DMD2 discriminator head tell real latents from a one-step student's samples at all?
 
     python tools/gan_head_probe.py RUN/export [--teacher assets/shapes-teacher] [--t 20 100 250 500 750]
+    python tools/gan_head_probe.py RUN/export --checkpoint RUN/checkpoints/checkpoint-N [--config CONFIG]
 
-For each noise level t, a fresh `DiscriminatorHead` is trained (300 AdamW steps, batch 64) on the teacher UNet's
-mid-block features of noised real latents (shapes train split) and noised student samples, then tested on
-held-out pairs. Prints train and held-out accuracy per t. A head that separates the two here but stays at
-chance during training points at the training dynamics, not at the features.
+For each noise level t, a fresh `DiscriminatorHead` is trained (300 AdamW steps, batch 64) on mid-block features
+of noised real latents (shapes train split) and noised student samples, then tested on held-out pairs. Prints
+train and held-out accuracy per t. The features are the teacher UNet's, or with --checkpoint the trained fake
+score's (the UNet the run's discriminator reads), and then the run's own trained head is tested too.
 """
 from __future__ import annotations
 
@@ -27,14 +28,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export")
     p.add_argument("--teacher", default="assets/shapes-teacher")
-    p.add_argument("--t", type=int, nargs="+", default=[20, 100, 250, 500, 750])
+    p.add_argument("--t", nargs="+", default=["20", "100", "250", "500", "750"],
+                   help="noise levels: T for one fixed t, or LO-HI for t ~ U[LO, HI] per pair (as in training)")
     p.add_argument("--n", type=int, default=768, help="real and fake latents each; the last quarter is held out")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="a DMD run's checkpoint: probe its fake score's features")
+    p.add_argument("--config", default="configs/shapes/dmd2_1step.yaml", help="the config of that run")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     teacher = load_teacher(ModelConfig(teacher=a.teacher), "cpu")
-    den = teacher.denoiser()
+    den, trained_head = teacher.denoiser(), None
+    if a.checkpoint:
+        import tempfile
+
+        from stepdistill.config import load_config
+        from stepdistill.trainer import Trainer
+
+        cfg = load_config(a.config, [f"model.teacher={a.teacher}", f"train.output_dir={tempfile.mkdtemp()}"])
+        trainer = Trainer(cfg)
+        trainer.accelerator.load_state(a.checkpoint)
+        den, trained_head = trainer.objective.fake, trainer.objective.disc
+        torch.manual_seed(a.seed)
     ac = den.schedule.alphas_cumprod
     pipe, spec = load_pipeline(a.export)
     t0 = spec.extra["trained_timesteps"][0]  # a one-step distribution-matching export
@@ -52,12 +67,15 @@ def main(argv=None):
     test_idx = torch.cat([order[n_train:], order[n_train:] + a.n])
     labels = torch.cat([torch.ones(a.n), torch.zeros(a.n)])
     embeds = torch.cat([cond.embeds, cond.embeds])
-    print(f"export {a.export}: student timestep {t0}; latent std real {real.std():.3f}, student {fake.std():.3f}")
+    print(f"export {a.export}: student timestep {t0}; latent std real {real.std():.3f}, student {fake.std():.3f}; "
+          f"features of the {'fake score in ' + a.checkpoint if a.checkpoint else 'teacher'}")
     for t in a.t:
+        lo, _, hi = t.partition("-")
         with torch.no_grad():
             x0 = torch.cat([real, fake])
-            x_t = ac[t].sqrt() * x0 + (1 - ac[t]).sqrt() * torch.randn(x0.shape)
-            tt = torch.full((len(x0),), t)
+            tt = torch.randint(int(lo), int(hi or lo) + 1, (a.n,)).repeat(2)  # one t per (real, fake) pair
+            scale = lambda v: v[tt].float().view(-1, 1, 1, 1)  # noqa: E731
+            x_t = scale(ac).sqrt() * x0 + scale(1 - ac).sqrt() * torch.randn(x0.shape)
             feats = torch.cat([mid_block_features(den, x_t[i:i + 256], tt[i:i + 256], Conditioning(embeds[i:i + 256]))
                                for i in range(0, len(x0), 256)])
         head = DiscriminatorHead(feats.shape[1])
@@ -70,8 +88,13 @@ def main(argv=None):
             opt.step()
         with torch.no_grad():
             acc = lambda idx: float(((head(feats[idx]) > 0).float() == labels[idx]).float().mean())  # noqa: E731
-            print(f"t={t}: alpha_bar {float(ac[t]):.3f}, train accuracy {acc(train_idx):.2f}, "
-                  f"held-out accuracy {acc(test_idx):.2f}")
+            line = (f"t={t}: alpha_bar {float(ac[int(hi or lo)]):.3f}{' at ' + hi if hi else ''}, fresh head: "
+                    f"train accuracy {acc(train_idx):.2f}, "
+                    f"held-out accuracy {acc(test_idx):.2f}")
+            if trained_head is not None:
+                right = (trained_head(feats[test_idx]) > 0).float() == labels[test_idx]
+                line += f"; the run's head: {float(right.float().mean()):.2f}"
+            print(line)
 
 
 if __name__ == "__main__":

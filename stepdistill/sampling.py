@@ -84,12 +84,17 @@ def make_scheduler(spec: SamplingSpec):
 def scheduler_timesteps(name: str, config: dict, steps: int) -> list[int]:
     """The timesteps a diffusers scheduler picks for `steps` steps."""
     sched = scheduler_class(name).from_config(config)
+    set_timesteps_checked(sched, steps)
+    return [int(t) for t in sched.timesteps]
+
+
+def set_timesteps_checked(sched, steps: int) -> None:
+    """`sched.set_timesteps(steps)`, with the scheduler's refusal as one line."""
     try:
         sched.set_timesteps(steps)
     except ValueError as err:  # e.g. LCMScheduler asked for more steps than its original_inference_steps grid
         raise StepdistillError(f"{type(sched).__name__} cannot sample in {steps} steps with this config: "
                                f"{str(err).strip().splitlines()[0][:300]}") from None
-    return [int(t) for t in sched.timesteps]
 
 
 def _pipeline_class(folder: str):
@@ -164,8 +169,8 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
     explicit = (spec.timesteps or {}).get(steps)
     if explicit is not None and "timesteps" in inspect.signature(pipe.scheduler.set_timesteps).parameters:
         kwargs = {"timesteps": explicit}
-    else:  # a step count the scheduler refuses stops here, in one line
-        scheduler_timesteps(type(pipe.scheduler).__name__, dict(pipe.scheduler.config), steps)
+    else:  # a step count the scheduler refuses stops here, in one line (the pipeline sets them again)
+        set_timesteps_checked(pipe.scheduler, steps)
     device = pipe.device
     images = []
     for i in range(0, len(prompts), batch_size):

@@ -261,11 +261,15 @@ class DistributionMatching(Objective):
         return torch.randint(lo, hi + 1, (b,), generator=gen, device=device)
 
     # --- the fake score --------------------------------------------------------------------------------------
-    def fake_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Denoising score matching of the fake score on (detached) student samples."""
+    def fake_score_inputs(self, batch: Batch, gen: torch.Generator):
+        """(x0, t, eps) of a denoising step: detached student samples, t ~ U[0, T), noise."""
         x0 = self.student_sample(batch, gen, train=False)
         t = torch.randint(0, self.T, (x0.shape[0],), generator=gen, device=x0.device)
-        eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+        return x0, t, torch.randn(x0.shape, generator=gen, device=x0.device)
+
+    def fake_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """Denoising score matching of the fake score on (detached) student samples."""
+        x0, t, eps = self.fake_score_inputs(batch, gen)
         x0_pred, eps_pred = self.fake_train.x0_eps(self.schedule.add_noise(x0, eps, t), t, batch.cond)
         return {"loss": self.score_matching_loss(x0_pred, eps_pred, x0, eps)}
 
@@ -410,10 +414,8 @@ class DMD(DistributionMatching):
         """DMD2's guidance update: denoising score matching + fake_disc_weight * the discriminator loss, whose
         gradient reaches the fake UNet through the mid-block features (the head itself is frozen here and
         learns in its own update). One forward over both inputs: a DDP-wrapped fake score runs once per update."""
-        x0 = self.student_sample(batch, gen, train=False)
-        b, dev = x0.shape[0], x0.device
-        t = torch.randint(0, self.T, (b,), generator=gen, device=dev)
-        eps = torch.randn(x0.shape, generator=gen, device=dev)
+        x0, t, eps = self.fake_score_inputs(batch, gen)
+        b = x0.shape[0]
         x_d, t_d = self.disc_inputs(batch, x0, gen)
         x_all = torch.cat([self.schedule.add_noise(x0, eps, t), x_d])
         cond = batch.cond.cat(batch.cond).cat(batch.cond)

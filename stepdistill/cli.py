@@ -8,12 +8,25 @@ import sys
 
 from .errors import StepdistillError
 
+DEFAULT_CONFIG = "configs/shapes/consistency_lora.yaml"
+
 
 def _cmd_train(args) -> int:
-    from .config import load_config
+    from .objectives import load_run_config
     from .trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.isfile(config):  # `train key=value ...`: no CONFIG
+        config, overrides = None, [config, *overrides]
+    if config is None:  # the bundled default, from any directory
+        from .utils import BUNDLED_ROOTS, bundled_path
+
+        config = bundled_path(DEFAULT_CONFIG)
+        if not os.path.isfile(config):
+            raise StepdistillError(f"the bundled default config '{DEFAULT_CONFIG}' is missing: not in this directory "
+                                   f"nor in {' or '.join(str(r) for r in BUNDLED_ROOTS)}; give a CONFIG, or install "
+                                   "stepdistill from its source tree (pip install -e .)")
+    cfg = load_run_config(config, overrides)  # a typo in objective.options stops here, before any model
     run_dir = train(cfg)
     from accelerate import PartialState
 
@@ -39,8 +52,13 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .sampling import generate, load_pipeline
-    from .utils import image_grid, save_image_atomic
+    from .utils import image_format, image_grid, save_image_atomic
 
+    if args.num_images < 1:
+        raise StepdistillError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.steps is not None and args.steps < 1:
+        raise StepdistillError(f"--steps must be at least 1, got {args.steps}")
+    image_format(args.out)  # an unknown image type stops here, not after sampling
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe, spec = load_pipeline(args.model, device=device, scheduler=args.scheduler, base_model=args.base_model,
                                guidance_scale=args.guidance)
@@ -66,24 +84,6 @@ def _cmd_objectives(args) -> int:
     return 0
 
 
-def quiet_libraries() -> None:
-    """diffusers / transformers chatter (load bars, deprecations, safety-checker notice) hides our own output."""
-    import warnings
-
-    import diffusers
-    import huggingface_hub
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a student from a YAML config")
-    t.add_argument("config", nargs="?", default="configs/shapes/consistency_lora.yaml",
-                   help="YAML config (default: %(default)s)")
+    t.add_argument("config", nargs="?", default=None,
+                   help=f"YAML config (default: the bundled {DEFAULT_CONFIG})")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     t.set_defaults(func=_cmd_train)
 
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if not args.verbose:
+        from .utils import quiet_libraries  # here, not at the top: `stepdistill --help` needs no torch
+
         quiet_libraries()
     try:
         rc = int(args.func(args) or 0)

@@ -2,12 +2,14 @@
 
 The schema is a tree of dataclasses. Every key is checked before any work starts: an unknown key, a wrong
 type or an impossible value raises StepdistillError naming the key and what is allowed. Objective options
-are a free dict here and are validated against the objective's own `Options` dataclass with the same rules.
+are a free dict here and are validated against the objective's own `Options` dataclass with the same rules by
+`stepdistill.objectives.load_run_config` (this module sits below the objectives and never imports them).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -31,7 +33,9 @@ class ModelConfig:
 
 @dataclass
 class StudentConfig:
-    type: Literal["lora", "full"] = "lora"
+    # lora: an adapter on the teacher's UNet; full: an fp32 copy; small: a smaller UNet built from the teacher's
+    # config with `architecture` overrides (BK-SDM style), initialised from the teacher where names and shapes match
+    type: Literal["lora", "full", "small"] = "lora"
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -39,9 +43,11 @@ class StudentConfig:
         "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
         "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
     ])
-    # Full students only: add a guidance-scale embedding (UNet `time_cond_proj_dim`) so one network serves any w.
+    # Full and small students only: a guidance-scale embedding (UNet `time_cond_proj_dim`), one network for any w.
     guidance_embedding: bool = False
     guidance_embedding_dim: int = 256
+    # Small students only: overrides of the teacher UNet's config, e.g. {layers_per_block: 1, mid_block_type: null}
+    architecture: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,11 +118,35 @@ class Config:
                 raise StepdistillError(f"config key '{key}' must be > 0, got {value}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise StepdistillError(f"config key 'train.ema_decay' must be in [0, 1), got {self.train.ema_decay}")
-        if self.train.lr <= 0:
-            raise StepdistillError(f"config key 'train.lr' must be > 0, got {self.train.lr}")
-        if self.student.guidance_embedding and self.student.type != "full":
-            raise StepdistillError("config key 'student.guidance_embedding' needs student.type=full "
+        tc = self.train
+        # key: (value, lowest allowed, open upper bound); a NaN or infinite value fails every one
+        ranges = {"train.lr": (tc.lr, None, math.inf), "student.lora_alpha": (self.student.lora_alpha, None, math.inf),
+                  "train.adam_beta1": (tc.adam_beta1, 0.0, 1.0), "train.adam_beta2": (tc.adam_beta2, 0.0, 1.0),
+                  "train.weight_decay": (tc.weight_decay, 0.0, math.inf),
+                  "train.max_grad_norm": (tc.max_grad_norm, 0.0, math.inf),
+                  "student.lora_dropout": (self.student.lora_dropout, 0.0, 1.0)}
+        for key, (value, low, high) in ranges.items():  # low None: must be > 0
+            if not math.isfinite(value) or not (value > 0 if low is None else value >= low) or not value < high:
+                want = "> 0" if low is None else f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g})"
+                raise StepdistillError(f"config key '{key}' must be a finite number {want}, got {value}")
+        if tc.warmup_steps < 0:
+            raise StepdistillError(f"config key 'train.warmup_steps' must be >= 0, got {tc.warmup_steps}")
+        if self.data.max_samples is not None and self.data.max_samples <= 0:
+            raise StepdistillError(f"config key 'data.max_samples' must be > 0 (or null: no cap), got "
+                                   f"{self.data.max_samples}")
+        student = self.student
+        if student.guidance_embedding and student.type == "lora":
+            raise StepdistillError("config key 'student.guidance_embedding' needs student.type=full or small "
                                    "(a LoRA student cannot add the guidance-embedding layer to the base UNet)")
+        if student.architecture and student.type != "small":
+            raise StepdistillError(f"config key 'student.architecture' needs student.type=small (got student.type="
+                                   f"{student.type}); a {student.type} student has the teacher's architecture")
+        if student.type == "small" and not student.architecture:
+            raise StepdistillError("student.type=small needs student.architecture: overrides of the teacher UNet's "
+                                   "config, e.g. {layers_per_block: 1, mid_block_type: null}")
+        if any(not isinstance(k, str) for k in student.architecture):
+            raise StepdistillError(f"config key 'student.architecture' must map UNet config names to values, "
+                                   f"got keys {list(student.architecture)}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +281,10 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when path is None), apply overrides, validate."""
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate.
+
+    Objective options stay a free dict here; a run loads its config with `objectives.load_run_config`, which
+    checks them too."""
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -269,10 +302,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         apply_override(data, override)
     cfg = from_dict(Config, data)
     cfg.check()
-    # Objective options are checked here too, so a typo stops the run before any model is loaded.
-    from .objectives import get_objective
-
-    get_objective(cfg.objective.name).parse_options(cfg.objective.options)
     return cfg
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import list_checkpoints
 from .errors import StepdistillError
 from .models import STUDENT_ADAPTER, Teacher
 from .sampling import LORA_FILE, SPEC_FILE, SamplingSpec, make_scheduler
@@ -64,6 +65,11 @@ def merged_unet(unet, adapter: str = STUDENT_ADAPTER):
     return merged
 
 
+def default_format(student_type: str) -> str:
+    """The export format `auto` means: LoRA for a LoRA student, a full pipeline for a full or small one."""
+    return "lora" if student_type == "lora" else "full"
+
+
 def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: str | os.PathLike,
                    student_type: str, name: str = "stepdistill") -> Path:
     import dataclasses
@@ -71,8 +77,11 @@ def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: st
     from safetensors.torch import save_file
 
     out = Path(out)
+    if out.exists() and not (out / SPEC_FILE).is_file():  # replacing an export is fine; anything else is not ours
+        raise StepdistillError(f"'{out}' exists and is not a stepdistill export (no {SPEC_FILE}); refusing to "
+                               "replace it: choose another --out or remove it yourself")
     if fmt == "lora" and student_type != "lora":
-        raise StepdistillError("a full student cannot be exported as LoRA; use --format full "
+        raise StepdistillError(f"a {student_type} student cannot be exported as LoRA; use --format full "
                                "(or train with student.type=lora)")
     spec = dataclasses.replace(spec, format=fmt, base_model=teacher.model_id if fmt == "lora" else None)
     with atomic_directory(out) as tmp:
@@ -144,14 +153,13 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.Path
     """Rebuild the student of a run from its config and weights (final, or a checkpoint) and export it."""
     from safetensors.torch import load_file
 
-    from .config import load_config
     from .models import build_student, load_teacher, load_trainable_state_dict
-    from .trainer import list_checkpoints
+    from .objectives import load_run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "sampling_spec.json").is_file():
         raise StepdistillError(f"'{run_dir}' is not a stepdistill run folder (no config.yaml / sampling_spec.json)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir / "config.yaml")
     if checkpoint is None:
         weights = run_dir / "final" / "student.safetensors"
         if not weights.is_file():
@@ -173,5 +181,5 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.Path
     import json
 
     spec = SamplingSpec.from_json(json.loads((run_dir / "sampling_spec.json").read_text()))
-    fmt = cfg.student.type if fmt == "auto" else fmt
+    fmt = default_format(cfg.student.type) if fmt == "auto" else fmt
     return export_student(teacher, unet, spec, fmt, out or run_dir / "export", cfg.student.type, cfg.name)

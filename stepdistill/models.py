@@ -6,7 +6,9 @@ embeddings, time ids). The seam for transformer / flow-matching teachers is `TEA
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
 import json
 import logging
 import os
@@ -18,7 +20,7 @@ from .config import ModelConfig, StudentConfig
 from .denoiser import Conditioning, Denoiser
 from .errors import StepdistillError
 from .schedule import NoiseSchedule, VPSchedule
-from .utils import resolve_dtype
+from .utils import BUNDLED_ROOTS, bundled_path, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,15 @@ def read_pipeline_class(model_id: str, revision: str | None = None) -> str:
                                    "point model.teacher at a folder written by save_pretrained, or a hub id")
         with open(index) as f:
             try:
-                return json.load(f).get("_class_name", "?")
+                spec = json.load(f)
             except json.JSONDecodeError:
                 raise StepdistillError(f"'{index}' is not valid JSON; the teacher folder is corrupt") from None
+        for name, value in spec.items():  # else diffusers names some other folder than the one that is missing
+            if not name.startswith("_") and isinstance(value, list) and value and value[0] is not None \
+                    and not os.path.isdir(os.path.join(model_id, name)):
+                raise StepdistillError(f"pipeline folder '{model_id}' is incomplete: its '{name}/' folder is missing "
+                                       f"(model_index.json lists it); restore it or give a complete pipeline folder")
+        return spec.get("_class_name", "?")
     if _looks_like_path(model_id):
         raise StepdistillError(f"teacher path '{model_id}' does not exist; give a local diffusers pipeline folder "
                                "or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
@@ -115,9 +123,40 @@ def read_pipeline_class(model_id: str, revision: str | None = None) -> str:
 
         return DiffusionPipeline.load_config(model_id, revision=revision).get("_class_name", "?")
     except Exception as err:  # hub errors vary by version; the user needs one line
+        offline = _hub_offline(err)
+        if offline:
+            raise StepdistillError(f"could not load '{model_id}': it is not a local folder, {offline}, and it is not "
+                                   "in the local hub cache; download it where the hub is reachable and give the "
+                                   "local folder") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StepdistillError(f"could not load teacher '{model_id}' (not a local folder; hub lookup failed: "
                                f"{first[:200]}); check the id, or download it and give the local folder") from None
+
+
+def _hub_offline(err: BaseException) -> str | None:
+    """Why the hub could not be asked, when that is why a lookup failed (offline mode, no network); else None."""
+    if str(os.environ.get("HF_HUB_OFFLINE", "")).upper() in ("1", "ON", "YES", "TRUE"):
+        return "the model hub is offline (HF_HUB_OFFLINE=1)"
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {c.__name__ for e in chain for c in type(e).__mro__}
+    if names & {"OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout", "Timeout", "LocalEntryNotFoundError"}:
+        return "the model hub is unreachable (offline)"
+    return None
+
+
+def check_resolution(resolution: int, vae, *unets) -> None:
+    """Refuse, before training, an image size the VAE and the UNets cannot take (else it fails at sampling)."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_factor = max(2 ** (len(u.config.down_block_types) - 1) for u in unets)
+    multiple = vae_factor * unet_factor
+    if resolution % multiple:
+        lower = max(multiple, resolution // multiple * multiple)
+        raise StepdistillError(f"config key 'data.resolution' must be a multiple of {multiple} for this teacher (VAE "
+                               f"factor {vae_factor} x UNet downsampling {unet_factor}), got {resolution}; e.g. "
+                               f"{lower} or {lower + multiple}")
 
 
 def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teacher:
@@ -125,7 +164,12 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
     if cfg.trust_remote_code:
         raise StepdistillError("model.trust_remote_code=true is refused: stepdistill loads only diffusers' own "
                                "pipeline classes, which never need remote code")
-    pipeline_class = read_pipeline_class(cfg.teacher, cfg.revision)
+    model_id = bundled_path(cfg.teacher)  # the bundled teacher from any directory
+    if model_id == ModelConfig.teacher and not os.path.isdir(model_id):
+        raise StepdistillError(f"the bundled teacher '{model_id}' is missing: not in this directory nor in "
+                               f"{' or '.join(str(r) for r in BUNDLED_ROOTS)}; install stepdistill from its source "
+                               "tree (pip install -e .) or set model.teacher")
+    pipeline_class = read_pipeline_class(model_id, cfg.revision)
     family = TEACHER_FAMILIES.get(pipeline_class)
     if family is None:
         raise StepdistillError(f"unsupported teacher '{cfg.teacher}' (pipeline class {pipeline_class}); supported: "
@@ -137,7 +181,7 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
     if family == "sd":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
-        pipe = getattr(diffusers, pipeline_class).from_pretrained(cfg.teacher, **kwargs)
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StepdistillError(f"could not load teacher '{cfg.teacher}': {first[:300]}") from None
@@ -159,7 +203,7 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
         encoder = PromptEncoder("sdxl", [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
                                 bool(pipe.config.get("force_zeros_for_empty_prompt", True)))
     scheduler_config = dict(pipe.scheduler.config)
-    return Teacher(cfg.teacher, family, pipeline_class, unet, pipe.vae, encoder, scheduler_config,
+    return Teacher(model_id, family, pipeline_class, unet, pipe.vae, encoder, scheduler_config,
                    VPSchedule.from_scheduler_config(scheduler_config), components)
 
 
@@ -174,9 +218,19 @@ def lora_config(cfg: StudentConfig, unet):
                       target_modules=targets, init_lora_weights="gaussian")
 
 
+def _add_adapter(unet, config, name: str) -> None:
+    """`unet.add_adapter`, without peft's "Already found a `peft_config`" warning: a second adapter on one base
+    (fake score, snapshot) is how stepdistill keeps one copy of the weights, not a mistake."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(config, adapter_name=name)
+
+
 def add_lora(unet, cfg: StudentConfig, adapter_name: str) -> None:
     """Add a trainable fp32 LoRA adapter to the frozen base UNet."""
-    unet.add_adapter(lora_config(cfg, unet), adapter_name=adapter_name)
+    _add_adapter(unet, lora_config(cfg, unet), adapter_name)
     for name, p in unet.named_parameters():
         if f".{adapter_name}." in name:
             p.data = p.data.float()
@@ -184,15 +238,96 @@ def add_lora(unet, cfg: StudentConfig, adapter_name: str) -> None:
 
 
 def build_student(teacher: Teacher, cfg: StudentConfig):
-    """The student UNet: a LoRA adapter on the teacher's own UNet (one copy in memory) or a full fp32 copy."""
+    """The student UNet: a LoRA adapter on the teacher's own UNet (one copy in memory), a full fp32 copy, or a
+    smaller fp32 UNet (`small_unet`; its initialisation report is the module's `init_report` attribute)."""
     if cfg.type == "lora":
         add_lora(teacher.unet, cfg, STUDENT_ADAPTER)
         return teacher.unet
-    unet = copy.deepcopy(teacher.unet).float()
+    small = cfg.type == "small"
+    unet = small_unet(teacher.unet, cfg.architecture) if small else copy.deepcopy(teacher.unet).float()
     if cfg.guidance_embedding:
         unet = with_guidance_embedding(unet, cfg.guidance_embedding_dim)
+    if small:
+        unet.init_report = init_report(teacher.unet, unet, cfg.architecture)  # after the guidance layer is added
+        log.info("%s", unet.init_report["summary"])
     unet.requires_grad_(True).train()
     return unet
+
+
+# UNet config keys a smaller student must share with the teacher: the pipeline's VAE, text encoders and
+# SDXL conditioning fix them (the guidance input has its own switch, student.guidance_embedding).
+FIXED_UNET_KEYS = {"in_channels": "the VAE's latent channels", "out_channels": "the VAE's latent channels",
+                   "cross_attention_dim": "the text encoder's width", "addition_embed_type": "the pipeline's conditioning",
+                   "addition_time_embed_dim": "the pipeline's conditioning",
+                   "projection_class_embeddings_input_dim": "the pipeline's conditioning",
+                   "time_cond_proj_dim": "student.guidance_embedding"}
+
+
+def check_architecture(teacher_config: dict, architecture: dict) -> None:
+    """One-line errors for overrides that are not UNet config keys, or that the pipeline fixes."""
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    known = {k for k in teacher_config if not k.startswith("_")}
+    known |= set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    for key in architecture:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise StepdistillError(f"unknown UNet config key 'student.architecture.{key}'{hint}; the keys are those "
+                                   "of the teacher's unet/config.json")
+        if key in FIXED_UNET_KEYS and architecture[key] != teacher_config.get(key):
+            raise StepdistillError(f"config key 'student.architecture.{key}' must stay the teacher's "
+                                   f"({teacher_config.get(key)!r}): {FIXED_UNET_KEYS[key]} fixes it")
+
+
+def small_unet(teacher_unet, architecture: dict, seed: int = 0):
+    """A UNet2DConditionModel from the teacher's config with `architecture` overrides (BK-SDM: fewer layers per
+    block, no mid-block, ...), fp32 on the teacher's device, and every state-dict tensor whose name and shape
+    match the teacher's copied from it. Fresh tensors come from a fixed seed (the global RNG is left as it was),
+    so the same config always builds the same student."""
+    from diffusers import UNet2DConditionModel
+
+    base = {k: v for k, v in teacher_unet.config.items() if not k.startswith("_")}
+    check_architecture(base, architecture)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel.from_config({**base, **architecture})
+    except Exception as err:  # diffusers raises ValueError, TypeError, IndexError... for inconsistent configs
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StepdistillError(f"student.architecture {architecture} does not make a valid UNet2DConditionModel "
+                               f"from the teacher's config: {first[:300]}") from None
+    unet = unet.to(teacher_unet.device).float()
+    source = teacher_unet.state_dict()
+    unet.load_state_dict({k: source[k] for k in _matching_keys(source, unet.state_dict())}, strict=False)
+    return unet
+
+
+def _matching_keys(source: dict, target: dict) -> list[str]:
+    """Names of the `target` state-dict tensors that `source` has with the same shape."""
+    return [k for k, v in target.items() if k in source and source[k].shape == v.shape]
+
+
+def init_report(teacher_unet, student, architecture: dict, max_names: int = 40) -> dict:
+    """How a small student was initialised: tensors (and their parameter counts) copied from the teacher by
+    name and shape, and the freshly initialised ones."""
+    target = student.state_dict()
+    copied = _matching_keys(teacher_unet.state_dict(), target)
+    copied_set = set(copied)
+    fresh = [k for k in target if k not in copied_set]
+    numel = lambda names: sum(target[k].numel() for k in names)  # noqa: E731
+    student_params = sum(p.numel() for p in student.parameters())
+    teacher_params = sum(p.numel() for p in teacher_unet.parameters())
+    summary = (f"student.type=small: {student_params:,} parameters ({student_params / teacher_params:.1%} of the "
+               f"teacher's {teacher_params:,}); copied from the teacher {len(copied)} of {len(target)} tensors "
+               f"({numel(copied):,} values), freshly initialised {len(fresh)} ({numel(fresh):,} values)"
+               + (f": {', '.join(fresh[:5])}{', ...' if len(fresh) > 5 else ''}" if fresh else ""))
+    return {"summary": summary, "architecture": dict(architecture), "teacher_parameters": teacher_params,
+            "student_parameters": student_params, "tensors": len(target), "copied_tensors": len(copied),
+            "fresh_tensors": len(fresh), "copied_values": numel(copied), "fresh_values": numel(fresh),
+            "fresh": fresh[:max_names], "fresh_truncated": len(fresh) > max_names}
 
 
 def with_guidance_embedding(unet, dim: int):
@@ -227,3 +362,42 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
                 raise StepdistillError(f"{what}: '{n}' has shape {tuple(v.shape)}, the model expects "
                                        f"{tuple(params[n].shape)}")
             params[n].copy_(v)
+
+
+@contextlib.contextmanager
+def adapter_state_kept(unet):
+    """Keep the active adapter and every existing parameter's requires_grad across the body: peft's add_adapter
+    activates the new adapter and freezes the others. A plain UNet (no adapter active before) stays plain."""
+    active = unet.active_adapters() if getattr(unet, "_hf_peft_config_loaded", False) else []
+    flags = {p: p.requires_grad for p in unet.parameters()}
+    try:
+        yield
+    finally:
+        if active:
+            unet.set_adapter(active)
+        else:
+            unet.disable_adapters()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def add_adapter_like(unet, source: str, name: str) -> None:
+    """A frozen fp32 adapter `name` with adapter `source`'s LoRA config (a snapshot slot on the same base)."""
+    config = copy.deepcopy(unet.peft_config[source])
+    with adapter_state_kept(unet):
+        _add_adapter(unet, config, name)
+    for n, p in unet.named_parameters():
+        if f".{name}." in n:
+            p.data = p.data.float()
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def copy_adapter(source_unet, source: str, unet, name: str) -> None:
+    """Copy adapter `source` of `source_unet` into adapter `name` of `unet` (the same base architecture)."""
+    src = {n.replace(f".{source}.", f".{name}."): p for n, p in source_unet.named_parameters() if f".{source}." in n}
+    dst = {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+    if set(src) != set(dst) or not dst:
+        raise StepdistillError(f"adapter '{source}' and adapter '{name}' do not have the same layers")
+    for n, p in dst.items():
+        p.copy_(src[n])

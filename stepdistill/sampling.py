@@ -6,8 +6,10 @@ timesteps, what guidance scale. `load_pipeline` applies it, so a user's pipeline
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import logging
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,11 +17,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import StepdistillError
+from .models import read_pipeline_class
+from .utils import bundled_path
 
 SPEC_FILE = "stepdistill.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SCHEDULER_ALIASES = {"ddim": "DDIMScheduler", "lcm": "LCMScheduler", "euler": "EulerDiscreteScheduler",
-                     "ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler", "tcd": "TCDScheduler",
+                     "ddpm": "DDPMScheduler", "dpm": "DPMSolverMultistepScheduler",
+                     "dpmsolver": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler", "tcd": "TCDScheduler",
                      "euler_a": "EulerAncestralDiscreteScheduler"}
 
 
@@ -36,11 +41,14 @@ class SamplingSpec:
     resolution: int | None = None
     objective: str | None = None
     extra: dict = field(default_factory=dict)
+    # The student takes the guidance scale as an input (UNet `time_cond_proj_dim`): one network evaluation per
+    # step whatever the guidance, where classifier-free guidance would need two.
+    embedded_guidance: bool = False
 
-    def nfe(self, steps: int, guidance_scale: float | None = None, embedded_guidance: bool = False) -> int:
-        """Network evaluations per image: classifier-free guidance doubles them."""
+    def nfe(self, steps: int, guidance_scale: float | None = None) -> int:
+        """Network evaluations per image: classifier-free guidance doubles them (not for embedded guidance)."""
         g = self.guidance_scale if guidance_scale is None else guidance_scale
-        return steps * (2 if g > 1.0 and not embedded_guidance else 1)
+        return steps * (2 if g > 1.0 and not self.embedded_guidance else 1)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -100,8 +108,6 @@ def set_timesteps_checked(sched, steps: int) -> None:
 def _pipeline_class(folder: str):
     import diffusers
 
-    from .models import read_pipeline_class
-
     return getattr(diffusers, read_pipeline_class(folder))
 
 
@@ -136,8 +142,13 @@ def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: s
         base = base_model or spec.base_model
         if not base:
             raise StepdistillError(f"LoRA export '{model}' names no base model; pass --base-model")
-        pipe = _from_pretrained(base, dtype)
-        pipe.load_lora_weights(model, weight_name=LORA_FILE, adapter_name="student")
+        pipe = _from_pretrained(bundled_path(base), dtype)  # a relative bundled teacher from any directory
+        try:
+            pipe.load_lora_weights(model, weight_name=LORA_FILE, adapter_name="student")
+        except Exception as err:  # truncated / corrupt file: safetensors, OSError or peft errors by version
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise StepdistillError(f"LoRA weights '{os.path.join(model, LORA_FILE)}' cannot be loaded ({first}); "
+                                   "re-export the student") from None
         if spec.lora_scale != 1.0:
             pipe.set_adapters(["student"], [spec.lora_scale])
     else:
@@ -154,6 +165,19 @@ def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: s
     return pipe.to(device), spec
 
 
+@contextlib.contextmanager
+def scheduler_warnings_off():
+    """diffusers' schedulers warn on every call with custom timesteps that are not their default grid (LCM: "The
+    first timestep ... is 699, not 999"); a student's spec sets exactly those on purpose."""
+    logger = logging.getLogger("diffusers.schedulers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 @torch.no_grad()
 def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, steps: int | None = None,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
@@ -161,7 +185,9 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
     """PIL images, one per prompt; image i depends only on (prompts[i], seeds[i], steps), not on batching."""
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    steps = steps or spec.num_inference_steps
+    steps = spec.num_inference_steps if steps is None else int(steps)
+    if steps < 1:
+        raise StepdistillError(f"the number of sampling steps must be at least 1, got {steps}")
     g = spec.guidance_scale if guidance_scale is None else guidance_scale
     size = spec.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
@@ -178,7 +204,10 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
         latents = torch.stack([
             torch.randn((pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
                         generator=gen) for gen in gens]).to(device=device, dtype=pipe.unet.dtype)
-        out = pipe(prompt=list(prompts[i:i + batch_size]), guidance_scale=g, height=height, width=width,
-                   latents=latents, output_type="pil", **kwargs)
+        # each image's generator, past its starting noise, also draws the noise multistep samplers add between
+        # steps (LCM, DDPM, ancestral): else that comes from the global RNG and a seed fixes nothing
+        with scheduler_warnings_off():  # explicit timesteps are the student's own, not a mistake to warn about
+            out = pipe(prompt=list(prompts[i:i + batch_size]), guidance_scale=g, height=height, width=width,
+                       latents=latents, generator=gens, output_type="pil", **kwargs)
         images.extend(out.images)
     return images

@@ -69,6 +69,15 @@ class NoiseSchedule:
         """Deterministic DDIM / Euler step to t_next: re-noise the predicted x0 with the predicted eps."""
         return self.add_noise(x0, eps, t_next)
 
+    def ddim_x0_target(self, x_t: torch.Tensor, t: torch.Tensor, x_next: torch.Tensor,
+                       t_next: torch.Tensor) -> torch.Tensor:
+        """The x0 whose DDIM step from (x_t, t) lands exactly on x_next at t_next (progressive distillation's
+        target): x_next = a' x0 + s' (x_t - a x0) / s, solved for x0."""
+        a, s = (_bcast(v, x_t) for v in self.alpha_sigma(t))
+        a_next, s_next = (_bcast(v, x_t) for v in self.alpha_sigma(t_next))
+        ratio = s_next / s
+        return (x_next - ratio * x_t) / (a_next - ratio * a)
+
 
 class VPSchedule(NoiseSchedule):
     """Discrete variance-preserving schedule (DDPM family): alpha_bar from the teacher's scheduler config."""
@@ -103,8 +112,11 @@ class VPSchedule(NoiseSchedule):
         return cls(alphas_cumprod, cfg.get("prediction_type", "epsilon"))
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """alpha, sigma at integer t; t = -1 is the clean end of the process (alpha 1, sigma 0), where a
+        deterministic sampler's last step lands (EulerDiscreteScheduler's final sigma 0)."""
         t = torch.as_tensor(t)
         ac = self.alphas_cumprod.to(t.device)[t.long().clamp(0, self.num_train_timesteps - 1)]
+        ac = torch.where(t < 0, torch.ones_like(ac), ac)
         return ac.sqrt().float(), (1 - ac).sqrt().float()
 
 

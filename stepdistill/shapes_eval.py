@@ -8,7 +8,7 @@
   the attributes parsed from their prompts.
 * ``load_shapes_clip()`` -> (model, preprocess, tokenizer): a tiny open_clip model ("shapes-clip-tiny") trained
   contrastively on this world; ``clip_score(images, prompts)`` = mean of 100 * max(cos, 0).
-* ``shapes_fid`` and ``feature_stats``; the Frechet distance is ``stepdistill.evaluate.fid.frechet_distance``.
+* ``shapes_fid`` and ``feature_stats``; the Frechet distance is ``stepdistill.frechet.frechet_distance``.
 
 Import-light: torch, numpy and PIL at import; scipy and open_clip only when used.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,8 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stepdistill.data.shapes import ATTRIBUTE_NAMES, ATTRIBUTES, labels_from_captions
+from stepdistill.frechet import frechet_distance
+from stepdistill.utils import BUNDLED_ROOTS
 
-ASSETS_DIR = Path(os.environ.get("STEPDISTILL_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+# the bundled assets: package data of an installed wheel, else the source tree (stepdistill.utils.BUNDLED_ROOTS)
+ASSETS_DIR = Path(os.environ.get("STEPDISTILL_ASSETS") or next(
+    (root / "assets" for root in BUNDLED_ROOTS if (root / "assets").is_dir()), BUNDLED_ROOTS[-1] / "assets"))
 EVAL_DIR = ASSETS_DIR / "shapes-eval"
 TEACHER_DIR = ASSETS_DIR / "shapes-teacher"
 ENCODER_FILE = "shapes_encoder.safetensors"
@@ -35,7 +39,7 @@ CLIP_MODEL_NAME = "shapes-clip-tiny"
 CLIP_CONFIG = CLIP_MODEL_NAME + ".json"
 CLIP_FILE = CLIP_MODEL_NAME + ".safetensors"
 
-ImagesLike = Union[torch.Tensor, np.ndarray, Sequence]
+ImagesLike = torch.Tensor | np.ndarray | Sequence
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,12 +97,12 @@ class ShapesEncoder(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.features(imgs)
 
-    def logits(self, imgs: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def logits(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(imgs)
         return {a: head(f) for a, head in self.heads.items()}
 
     @torch.no_grad()
-    def predict_attributes(self, imgs: ImagesLike, batch_size: int = 256) -> Dict[str, torch.Tensor]:
+    def predict_attributes(self, imgs: ImagesLike, batch_size: int = 256) -> dict[str, torch.Tensor]:
         x = to_uint8(imgs)
         out = {a: [] for a in ATTRIBUTE_NAMES}
         for i in range(0, x.shape[0], batch_size):
@@ -108,7 +112,7 @@ class ShapesEncoder(nn.Module):
         return {a: torch.cat(v) for a, v in out.items()}
 
 
-def load_shapes_encoder(path: Union[str, Path, None] = None) -> ShapesEncoder:
+def load_shapes_encoder(path: str | Path | None = None) -> ShapesEncoder:
     """Load the committed encoder (a folder holding shapes_encoder.json + .safetensors); eval mode, no grad."""
     from safetensors.torch import load_file
 
@@ -122,10 +126,10 @@ def load_shapes_encoder(path: Union[str, Path, None] = None) -> ShapesEncoder:
     return model
 
 
-_ENCODER_CACHE: Dict[str, ShapesEncoder] = {}
+_ENCODER_CACHE: dict[str, ShapesEncoder] = {}
 
 
-def _default_encoder(encoder: Optional[ShapesEncoder]) -> ShapesEncoder:
+def _default_encoder(encoder: ShapesEncoder | None) -> ShapesEncoder:
     if encoder is not None:
         return encoder
     if "default" not in _ENCODER_CACHE:
@@ -133,12 +137,12 @@ def _default_encoder(encoder: Optional[ShapesEncoder]) -> ShapesEncoder:
     return _ENCODER_CACHE["default"]
 
 
-def predict_attributes(images: ImagesLike, encoder: Optional[ShapesEncoder] = None) -> Dict[str, torch.Tensor]:
+def predict_attributes(images: ImagesLike, encoder: ShapesEncoder | None = None) -> dict[str, torch.Tensor]:
     return _default_encoder(encoder).predict_attributes(images)
 
 
 def attribute_accuracy(images: ImagesLike, prompts: Sequence[str],
-                       encoder: Optional[ShapesEncoder] = None) -> Dict[str, float]:
+                       encoder: ShapesEncoder | None = None) -> dict[str, float]:
     """Accuracy of the encoder's attribute predictions against the attributes parsed from the prompts:
     {"shape", "color", "background", "size", "position", "all"} (all = every attribute right)."""
     pred = predict_attributes(images, encoder)
@@ -154,7 +158,7 @@ def attribute_accuracy(images: ImagesLike, prompts: Sequence[str],
 
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encoder_features(images: ImagesLike, encoder: Optional[ShapesEncoder] = None,
+def encoder_features(images: ImagesLike, encoder: ShapesEncoder | None = None,
                      batch_size: int = 256) -> np.ndarray:
     enc = _default_encoder(encoder)
     x = to_uint8(images)
@@ -166,16 +170,14 @@ def feature_stats(feats: np.ndarray):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def shapes_fid(images_a: ImagesLike, images_b: ImagesLike, encoder: Optional[ShapesEncoder] = None) -> float:
+def shapes_fid(images_a: ImagesLike, images_b: ImagesLike, encoder: ShapesEncoder | None = None) -> float:
     """FID between two image sets in shapes-encoder feature space."""
-    from stepdistill.evaluate.fid import frechet_distance
-
     return frechet_distance(*feature_stats(encoder_features(images_a, encoder)),
                             *feature_stats(encoder_features(images_b, encoder)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def register_shapes_clip(path: Union[str, Path, None] = None) -> Path:
+def register_shapes_clip(path: str | Path | None = None) -> Path:
     import open_clip
 
     path = Path(path) if path is not None else EVAL_DIR
@@ -185,7 +187,7 @@ def register_shapes_clip(path: Union[str, Path, None] = None) -> Path:
     return path
 
 
-def load_shapes_clip(path: Union[str, Path, None] = None):
+def load_shapes_clip(path: str | Path | None = None):
     """(model, preprocess, tokenizer) of the tiny shapes CLIP, loaded by open_clip from local files only."""
     import open_clip
 

@@ -11,23 +11,22 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from .checkpoints import list_checkpoints, resolve_resume
 from .config import Config, save_config, to_dict
 from .data import BatchStream, image_to_tensor, load_source
 from .ema import EMA
 from .errors import StepdistillError
-from .models import build_student, load_teacher, load_trainable_state_dict, trainable_state_dict
+from .models import build_student, check_resolution, load_teacher, load_trainable_state_dict, trainable_state_dict
 from .objectives import Batch, DistillSetup, get_objective
 from .utils import atomic_write_json, image_grid, save_image_atomic
 
 log = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class TrainState:
@@ -36,12 +35,14 @@ class TrainState:
     def __init__(self):
         self.step = 0
         self.drawn = 0
+        self.stage = 0  # index into Objective.stages()
 
     def state_dict(self):
-        return {"step": self.step, "drawn": self.drawn}
+        return {"step": self.step, "drawn": self.drawn, "stage": self.stage}
 
     def load_state_dict(self, state):
         self.step, self.drawn = int(state["step"]), int(state["drawn"])
+        self.stage = int(state.get("stage", 0))
 
 
 class _StateAdapter:
@@ -57,27 +58,6 @@ class _StateAdapter:
         self.obj.load_state_dict(state)
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise StepdistillError(f"train.resume '{resume}' is not a complete checkpoint folder "
-                               "(use 'latest' or a runs/NAME/checkpoints/checkpoint-N folder)")
-    return path
-
-
 class Trainer:
     def __init__(self, cfg: Config):
         from accelerate import Accelerator
@@ -91,6 +71,7 @@ class Trainer:
             log.warning("train.mixed_precision=%s ignored on CPU (bf16/fp16 are far slower there); using fp32",
                         tc.mixed_precision)
         self.run_dir = Path(tc.output_dir)
+        _check_run_folder(self.run_dir, cfg)  # before any rank writes there
         self.accelerator = Accelerator(
             mixed_precision=mixed, cpu=cpu, project_dir=str(self.run_dir),
             log_with=list(tc.trackers) or None)
@@ -98,12 +79,26 @@ class Trainer:
         self.device = acc.device
         torch.manual_seed(tc.seed)
 
+        if not tc.progress:  # every bar, the libraries' loading bars too
+            import diffusers
+            import transformers
+
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
         self.teacher = load_teacher(cfg.model, self.device)
+        check_resolution(cfg.data.resolution, self.teacher.vae, self.teacher.unet)
         self.student = build_student(self.teacher, cfg.student)
+        if self.student is not self.teacher.unet:  # a small student may downsample more
+            check_resolution(cfg.data.resolution, self.teacher.vae, self.student)
         objective_cls = get_objective(cfg.objective.name)
         options = objective_cls.parse_options(cfg.objective.options)
-        self.setup = DistillSetup(self.teacher, self.student, cfg.student.type, tc.lr, cfg.data.resolution, self.device)
+        self.setup = DistillSetup(self.teacher, self.student, cfg.student.type, tc.lr, cfg.data.resolution, self.device,
+                                  tc.max_steps)
         self.objective = objective_cls(self.setup, options)
+        self.stages = self.objective.stages()
+        if self.stages and sum(s.steps for s in self.stages) != tc.max_steps:
+            raise StepdistillError(f"objective '{cfg.objective.name}' has stages of {[s.steps for s in self.stages]} "
+                                   f"steps (sum {sum(s.steps for s in self.stages)}); set train.max_steps to that sum")
         self.data = load_source(cfg.data, self.objective.needs_images)  # may depend on options
 
         self.networks = self.objective.networks()
@@ -195,13 +190,15 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> Path:
         acc, tc = self.accelerator, self.cfg.train
-        self._prepare_run_dir()
         resume = resolve_resume(self.run_dir, tc.resume)
         if resume is not None:
             acc.load_state(str(resume))
             acc.print(f"resumed from {resume} at step {self.state.step}")
         elif tc.resume == "latest":
             acc.print("train.resume=latest: no checkpoint yet, starting from scratch")
+        self._prepare_run_dir()  # only now: a resume that fails leaves RUN/config.yaml as it was
+        if resume is None and self.stages:
+            self.objective.begin_stage(0, self.student_for_export())
         self.stream.drawn = self.state.drawn
         if tc.trackers:
             acc.init_trackers(self.cfg.name, config=_flat(to_dict(self.cfg)))
@@ -215,6 +212,7 @@ class Trainer:
         # updates a network does not update every step, and a single step's loss is noisy.
         pending: dict[str, list[float]] = {}
         while self.state.step < tc.max_steps:
+            self._advance_stage()
             logs = self._train_step()
             for key, v in logs.items():
                 pending.setdefault(key, []).append(v)
@@ -241,6 +239,48 @@ class Trainer:
         self.finish()
         self.close()
         return self.run_dir
+
+    # --- stages ---------------------------------------------------------------------------------------------
+    def _advance_stage(self) -> None:
+        """At a stage boundary: export the finished stage's student, start the next stage, reset the optimizers.
+
+        Runs at the top of a step, after the previous step's checkpoint, so a run resumed from the checkpoint
+        at a boundary crosses it exactly as an uninterrupted run does."""
+        while self.state.stage + 1 < len(self.stages) and \
+                self.state.step >= sum(s.steps for s in self.stages[:self.state.stage + 1]):
+            finished = self.stages[self.state.stage]
+            if finished.export:
+                self.export_stage(finished)
+            self.state.stage += 1
+            self.objective.begin_stage(self.state.stage, self.student_for_export())
+            if self.stages[self.state.stage].reset_optimizers:
+                for opt in self.optimizers.values():
+                    getattr(opt, "optimizer", opt).state.clear()  # Adam moments and step counts
+            if self.accelerator.is_main_process:
+                atomic_write_json(self.run_dir / "sampling_spec.json", self.objective.sampling_spec().to_json())
+                self.accelerator.print(f"step {self.state.step}: stage {self.stages[self.state.stage].name}")
+            self.accelerator.wait_for_everyone()
+
+    def export_stage(self, stage) -> Path | None:
+        """The current student, exported to RUN/stages/<stage name> with this stage's sampling spec (main process
+        only; callers synchronise)."""
+        acc = self.accelerator
+        out = None
+        fmt = self._export_format()
+        if acc.is_main_process and fmt != "none":
+            from .export import export_student
+
+            out = export_student(self.teacher, self.student_for_export(), self.objective.sampling_spec(), fmt,
+                                 self.run_dir / "stages" / stage.name, student_type=self.cfg.student.type,
+                                 name=f"{self.cfg.name} ({stage.name})")
+            acc.print(f"stage {stage.name} export ({fmt}): {out}")
+        return out
+
+    def _export_format(self) -> str:
+        from .export import default_format
+
+        fmt = self.cfg.train.export
+        return default_format(self.cfg.student.type) if fmt == "auto" else fmt
 
     def close(self) -> None:
         """Stop the trackers and destroy the process group while the interpreter is still whole.
@@ -310,6 +350,8 @@ class Trainer:
                                                           "objective": self.cfg.objective.name,
                                                           "student": self.cfg.student.type,
                                                           "processes": acc.num_processes})
+            if getattr(self.student, "init_report", None) is not None:  # a small student: what came from the teacher
+                atomic_write_json(self.run_dir / "student_init.json", self.student.init_report)
             atomic_write_json(self.run_dir / "sampling_spec.json", self.objective.sampling_spec().to_json())
         acc.wait_for_everyone()
 
@@ -350,6 +392,7 @@ class Trainer:
         was_training = unet.training
         unet.eval()
         pipe = pipeline_with_unet(self.teacher, unet, make_scheduler(spec))
+        pipe.set_progress_bar_config(disable=not self.cfg.train.progress)
         # Under mixed precision accelerate has patched the UNet's forward to return fp32, so the latents reach
         # the half-precision VAE as fp32 (seen on an H200: "Input type (float) and bias type (c10::Half)");
         # sampling under the same autocast as training matches them. A no-op without mixed precision.
@@ -388,22 +431,59 @@ class Trainer:
         with atomic_directory(self.run_dir / "final") as tmp:
             save_file({k: values[k].detach().contiguous().cpu() for k in trained}, str(tmp / "student.safetensors"))
             atomic_write_json(tmp / "trainer_state.json", {**self.state.state_dict(), "replica_checksums": checksums})
-        fmt = self.cfg.train.export
-        if fmt == "auto":
-            fmt = self.cfg.student.type
+        fmt = self._export_format()
         if fmt != "none":
             out = export_student(self.teacher, unet, self.objective.sampling_spec(), fmt, self.run_dir / "export",
                                  student_type=self.cfg.student.type, name=self.cfg.name)
             acc.print(f"export ({fmt}): {out}")
+        if self.stages and self.stages[-1].export:
+            self.export_stage(self.stages[-1])
 
 
 def _strip_ddp(key: str) -> str:
     return key[len("module."):] if key.startswith("module.") else key
 
 
+# What makes a checkpoint another model or objective: a resume whose config changes one of them is refused.
+RESUME_FIXED_KEYS = ("model", "student", "objective", "data.resolution")
+
+
+def _check_run_folder(run_dir: Path, cfg: Config) -> None:
+    """A run folder belongs to one run: training into another run's folder is refused unless it resumes it, and a
+    resume that changes the model, student or objective is refused before anything there is rewritten."""
+    if not ((run_dir / "run.json").is_file() or list_checkpoints(run_dir)):
+        return
+    if cfg.train.resume is None:
+        raise StepdistillError(f"train.output_dir '{run_dir}' holds another run; choose another train.output_dir, "
+                               "or resume it with train.resume=latest")
+    import yaml
+
+    try:
+        old = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return  # no readable config to compare (e.g. a folder holding only a copied checkpoint)
+    new = _flat(to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(tuple(f"{k}." for k in RESUME_FIXED_KEYS)) or key in RESUME_FIXED_KEYS:
+            if old.get(key) != new.get(key):
+                raise StepdistillError(f"train.resume: '{key}' differs from the run in '{run_dir}' "
+                                       f"({old.get(key)!r} there, {new.get(key)!r} now); a checkpoint resumes only "
+                                       "with the same model, student and objective (choose another train.output_dir)")
+
+
 def _default_prompts(data, n: int = 16) -> list[str]:
-    step = max(1, len(data) // n)
-    return [data[i * step]["caption"] for i in range(min(n, len(data)))]
+    """n distinct captions drawn at random (fixed seed) from the whole dataset: every k-th caption of a sorted
+    prompt file would show one corner of it."""
+    import random
+
+    picked: list[str] = []
+    for i in random.Random(0).sample(range(len(data)), min(len(data), 4 * n)):
+        caption = data[i]["caption"]
+        if caption not in picked:
+            picked.append(caption)
+        if len(picked) == n:
+            break
+    return picked
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, dtypes, image grids."""
+"""Small shared helpers: atomic writes, dtypes, quieting libraries, image grids."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +14,17 @@ import torch
 from .errors import StepdistillError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def use_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file made by mkstemp / mkdtemp (mode 0600 / 0700) the mode an ordinary open() / mkdir() would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
     path = Path(path)
@@ -22,6 +33,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        use_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -45,6 +57,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = True):
         raise StepdistillError(f"'{final}' already exists; pass --overwrite or choose another output folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
+        use_umask(tmp, directory=True)
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -59,11 +72,53 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = True):
         raise
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Where the bundled configs and assets are: package data of an installed wheel (stepdistill/_bundled, see
+# setup.py), else the source tree the package sits in (an editable install or a checkout).
+BUNDLED_ROOTS = (PACKAGE_DIR / "_bundled", PACKAGE_DIR.parent)
+
+
+def bundled_path(path: str | os.PathLike) -> str:
+    """`path` itself when it exists (or is absolute); else, for a relative path such as `assets/shapes-teacher` or
+    `configs/shapes/consistency_lora.yaml`, the bundled copy, so the defaults work from any directory."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(path)
+    for root in BUNDLED_ROOTS:
+        if (root / p).exists():
+            return str(root / p)
+    return str(path)
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    device = torch.device(device)
+    """A dtype by name (fp32 / fp16 / bf16, or float32 / float16 / bfloat16); auto = fp16 on CUDA, else fp32."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise StepdistillError(f"unknown dtype '{name}'; use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
+def quiet_libraries() -> None:
+    """diffusers / transformers chatter (load bars, deprecations, safety-checker notice) hides our own output."""
+    import warnings
+
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
 
 
 def image_grid(images, cols: int | None = None):
@@ -81,9 +136,25 @@ def image_grid(images, cols: int | None = None):
     return grid
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """The PIL format a file name asks for (no suffix: PNG), or one line naming the suffixes PIL can write."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "PNG"
+    Image.init()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise StepdistillError(f"cannot write an image as '{path}': unknown image type '{suffix}'; "
+                               "use .png, .jpg or .webp")
+    return fmt
+
+
 def save_image_atomic(image, path: str | os.PathLike) -> None:
     path = Path(path)
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+    image.save(tmp, format=fmt)
     os.replace(tmp, path)

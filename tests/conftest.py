@@ -24,7 +24,7 @@ def tiny_sdxl(tmp_path_factory):
 
 def run_config(teacher, out, **overrides):
     """A small consistency-LoRA config on the shapes data for `teacher`."""
-    from stepdistill.config import load_config
+    from stepdistill.objectives import load_run_config
 
     base = {"model.teacher": teacher, "train.output_dir": str(out), "train.max_steps": 4, "train.batch_size": 4,
             "train.progress": False, "train.checkpoint_every": 2, "train.log_every": 1,
@@ -32,7 +32,7 @@ def run_config(teacher, out, **overrides):
             "train.export": "none", "data.max_samples": 64, "student.lora_rank": 4, "student.lora_alpha": 8,
             "objective.options.num_ddim_timesteps": 10}
     base.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return load_run_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
 def free_port() -> int:
@@ -40,3 +40,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far steadier on a CPU shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

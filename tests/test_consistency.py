@@ -176,3 +176,17 @@ def test_distance_primitives(loss):
     d = distance(a, b, loss, huber_c=1.0)
     expected = [3.0, 0.0] if loss == "l2" else [(math.sqrt(10) - 1) / 3, 0.0]
     assert torch.allclose(d, torch.tensor(expected))
+
+
+def test_guidance_embedded_student_runs_one_network_evaluation_per_step(tiny_sd):
+    from stepdistill.sampling import SamplingSpec
+
+    teacher, student = _setup(tiny_sd, "full", guidance_embedding=True, guidance_embedding_dim=32)
+    cls = get_objective("consistency")
+    spec = cls(DistillSetup(teacher, student, "full", 1e-4, 32, torch.device("cpu")),
+               cls.parse_options(OPTS)).sampling_spec()
+    assert spec.embedded_guidance and spec.guidance_scale > 1.0
+    assert spec.nfe(4) == 4 and spec.nfe(4, guidance_scale=7.5) == 4  # no classifier-free guidance pass
+    assert SamplingSpec.from_json(spec.to_json()).embedded_guidance
+    old = {k: v for k, v in spec.to_json().items() if k != "embedded_guidance"}  # a spec written before the field
+    assert not SamplingSpec.from_json(old).embedded_guidance and SamplingSpec.from_json(old).nfe(4) == 8

@@ -5,19 +5,13 @@ import json
 import pytest
 import torch
 
-from stepdistill.config import ModelConfig, StudentConfig, load_config
+from stepdistill.config import ModelConfig, StudentConfig
 from stepdistill.models import build_student, load_teacher
-from stepdistill.objectives import Batch, DistillSetup, get_objective
+from stepdistill.objectives import Batch, DistillSetup, get_objective, load_run_config
 from stepdistill.errors import StepdistillError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far steadier on a CPU shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _objective(teacher_path, name, student_type="lora", **opts):
@@ -293,7 +287,7 @@ def _config(teacher, out, objective, student_type, **overrides):
             "student.lora_alpha": 8, "student.type": student_type, "objective.name": objective,
             "objective.options.fake_lora_rank": 4}
     base.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return load_run_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
 def test_logged_values_are_means_since_the_last_log_for_every_network(tiny_sd, tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """stepdistill evaluate: Frechet distance, FID statistics, CLIP score, prompts, generation (resume, 2 processes).
 
-Fast, CPU, offline. A tiny random StableDiffusionPipeline (16x16 images) is built from configs; the shapes world's
-evaluation models are used where assets/shapes-eval is present (skipped with a reason otherwise).
+Fast, CPU, offline. A tiny random StableDiffusionPipeline (`stepdistill.testing.build_tiny_pipeline`, 32x32 images)
+is built from configs; the shapes world's evaluation models are used where assets/shapes-eval is present (skipped
+with a reason otherwise).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from conftest import free_port
 from stepdistill.errors import StepdistillError
 from stepdistill.evaluate import fid as fidmod
 from stepdistill.evaluate.fid import FeatureStats, frechet_distance
+from stepdistill.frechet import _trace_sqrt_product
+from stepdistill.testing import build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,49 +39,6 @@ def _shapes_models() -> bool:
 
 needs_shapes = pytest.mark.skipif(not _shapes_models(), reason="shapes evaluation models (assets/shapes-eval) "
                                                                  "not built yet")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# a tiny pipeline, no downloads
-def _write_tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    tokens = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"] + chars + [c + "</w>" for c in chars]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), bos_token="<|startoftext|>",
-                        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|unk|>",
-                        model_max_length=77)
-    return tok, len(tokens)
-
-
-def build_tiny_pipeline(path: Path, seed: int = 0) -> str:
-    """A tiny random SD pipeline folder: 16x16 images, 8x8x4 latents."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tok, vocab = _write_tokenizer(Path(str(path) + "-tok"))
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=16, attention_head_dim=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        norm_num_groups=8, layers_per_block=1, sample_size=16,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"))
-    te = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
-                                      intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                                      vocab_size=vocab, max_position_embeddings=77))
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(path))
-    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +273,7 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     mp = pytest.MonkeyPatch()
     mp.setenv("STEPDISTILL_CACHE", str(root / "cache"))  # reference statistics cache, shared by the runs here
-    model = build_tiny_pipeline(root / "tiny")
+    model = str(build_tiny_pipeline(root / "tiny"))
     out = root / "single"
     _run_inprocess(_eval_args(model, out))
     yield model, out, json.loads((out / "report.json").read_text())
@@ -347,7 +307,7 @@ def test_resume_half_finished_evaluation_gives_same_report(evaluated, tmp_path):
     shutil.rmtree(resumed / "tiny" / "steps_2")
     for i in range(4, NUM):  # the second batch of steps_1 never got written
         (resumed / "tiny" / "steps_1" / f"{i:05d}.png").unlink()
-    (resumed / "tiny" / "steps_1" / ".00005.tmp.png").write_bytes(b"half")  # a write cut off by the kill
+    (resumed / "tiny" / "steps_1" / ".00005.png.tmp").write_bytes(b"half")  # a write cut off by the kill
     _run_inprocess(_eval_args(model, resumed, ["--speed-batches", "0"]))
     again = json.loads((resumed / "report.json").read_text())
     assert _metrics(again) == _metrics(report)
@@ -372,9 +332,12 @@ def test_two_processes_give_the_same_images_and_report(evaluated, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         pytest.skip("accelerate launcher not found beside the python executable")
+    import torch
+
     out2 = tmp_path / "two"
+    # each process with this process's thread count: conv results depend on it in the last bits, sharding must not
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO) + os.pathsep +
-           os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+           os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "stepdistill", *_eval_args(model, out2, ["--speed-batches", "0"])]
@@ -401,8 +364,7 @@ def _fast_trace_sqrt_product(s1, s2, eps):
 def test_fast_trace_sqrt_matches_sqrtm():
     f1, f2 = _features(7), _features(8, shift=1.0)
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    assert _fast_trace_sqrt_product(s1, s2, 1e-6) == pytest.approx(fidmod._trace_sqrt_product(s1, s2, 1e-6),
-                                                                   rel=1e-8)
+    assert _fast_trace_sqrt_product(s1, s2, 1e-6) == pytest.approx(_trace_sqrt_product(s1, s2, 1e-6), rel=1e-8)
 
 
 def test_fid_stats_on_a_folder_with_inception(inception_weights, tmp_path):
@@ -426,7 +388,7 @@ def test_evaluate_against_precomputed_stats(evaluated, tmp_path):
     """fid-stats shapes:test -> .npz; evaluate --reference stats.npz; a stats file of another backbone is refused."""
     model, _, _ = evaluated
     _run_inprocess(["fid-stats", "shapes:test", "-o", str(tmp_path / "ref.npz"), "--backbone", "shapes",
-                    "--image-size", "16", "--num-images", "16", "--device", "cpu"])
+                    "--image-size", "32", "--num-images", "16", "--device", "cpu"])
     out = tmp_path / "eval"
     (tmp_path / "prompts.txt").write_text("a large red circle at the center on a black background\n")
     args = ["evaluate", model, "--steps", "1", "--num-images", "4", "--batch-size", "4", "--prompts",
@@ -457,7 +419,7 @@ def test_evaluate_a_lora_export_with_its_sampling_spec(evaluated, tmp_path):
     teacher = load_teacher(ModelConfig(teacher=model), "cpu")
     student = build_student(teacher, StudentConfig(type="lora", lora_rank=4, lora_alpha=8))
     cls = get_objective("consistency")
-    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 16, torch.device("cpu")),
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")),
               cls.parse_options({"num_ddim_timesteps": 20, "num_inference_steps": 2}))
     spec = obj.sampling_spec()
     export = export_student(teacher, student, spec, "lora", tmp_path / "lcm-lora", "lora")

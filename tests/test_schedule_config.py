@@ -1,10 +1,14 @@
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from stepdistill.config import load_config
 from stepdistill.errors import StepdistillError
+from stepdistill.objectives import load_run_config
 from stepdistill.schedule import FlowSchedule, VPSchedule
 
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -83,7 +87,7 @@ def test_yaml_booleans_spelled_as_a_choice_are_read_as_that_choice(tmp_path):
     assert load_config(str(tmp_path / "c.yaml"), []).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
-    with pytest.raises(StepdistillError, match=re.escape("must be one of 'lora' | 'full', got False")):
+    with pytest.raises(StepdistillError, match=re.escape("must be one of 'lora' | 'full' | 'small', got False")):
         load_config(None, ["student.type=no"])
 
 
@@ -91,7 +95,7 @@ def test_yaml_booleans_spelled_as_a_choice_are_read_as_that_choice(tmp_path):
     ("train.max_stepz=3", "unknown config key 'train.max_stepz' (did you mean 'max_steps'?)"),
     ("train.max_steps=lots", "config key 'train.max_steps' must be an integer, got 'lots'"),
     ("train.max_steps=0", "config key 'train.max_steps' must be > 0"),
-    ("student.type=half", "config key 'student.type' must be one of 'lora' | 'full', got 'half'"),
+    ("student.type=half", "config key 'student.type' must be one of 'lora' | 'full' | 'small', got 'half'"),
     ("objective.name=dmdx", "unknown objective 'dmdx'"),
     ("objective.options.w_maxx=3", "unknown config key 'objective.options.w_maxx'"),
     ("objective.options.w_min=9", "w_min <= w_max"),
@@ -101,7 +105,7 @@ def test_yaml_booleans_spelled_as_a_choice_are_read_as_that_choice(tmp_path):
 ])
 def test_bad_config_gives_one_line_error(override, message):
     with pytest.raises(StepdistillError) as err:
-        load_config(None, [override])
+        load_run_config(None, [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -119,9 +123,27 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from pathlib import Path
-
     configs = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
     assert configs
     for path in configs:
-        load_config(path)
+        load_run_config(path)
+
+
+def test_config_sits_below_the_objectives():
+    # the objectives import config; config.load_config never imports them (load_run_config checks their options)
+    code = ("import sys; from stepdistill.config import load_config; "
+            "load_config(None, ['objective.options.w_maxx=3']); "
+            "assert not [m for m in sys.modules if m.startswith('stepdistill.objectives')]")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_train_stops_on_an_objective_option_typo_before_loading_a_model(tmp_path, capsys):
+    from stepdistill.cli import main
+
+    # the teacher does not exist either: the objective's options must be what stops the run, in one line
+    config = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "consistency_lora.yaml"
+    assert main(["train", str(config), "objective.options.w_maxx=3",
+                 f"model.teacher={tmp_path / 'no-teacher'}", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown config key 'objective.options.w_maxx'") and "\n" not in err
+    assert not (tmp_path / "run").exists()

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import free_port, run_config
+from stepdistill.checkpoints import list_checkpoints
 from stepdistill.errors import StepdistillError
 from stepdistill.objectives import Batch
-from stepdistill.trainer import Trainer, list_checkpoints
+from stepdistill.trainer import Trainer
 
 
 def _fixed_batch_loss(trainer: Trainer) -> float:

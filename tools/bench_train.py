@@ -27,10 +27,10 @@ VARIANTS = {
 def child(args) -> None:
     import torch
 
-    from stepdistill.config import load_config
+    from stepdistill.objectives import load_run_config
     from stepdistill.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     for _ in range(args.warmup):
         trainer._train_step()

@@ -42,10 +42,10 @@ def main(argv=None):
     if a.checkpoint:
         import tempfile
 
-        from stepdistill.config import load_config
+        from stepdistill.objectives import load_run_config
         from stepdistill.trainer import Trainer
 
-        cfg = load_config(a.config, [f"model.teacher={a.teacher}", f"train.output_dir={tempfile.mkdtemp()}"])
+        cfg = load_run_config(a.config, [f"model.teacher={a.teacher}", f"train.output_dir={tempfile.mkdtemp()}"])
         trainer = Trainer(cfg)
         trainer.accelerator.load_state(a.checkpoint)
         den, trained_head = trainer.objective.fake, trainer.objective.disc

@@ -104,6 +104,19 @@ def loop_seconds(run_dir: Path) -> float | None:
     return total
 
 
+def stage_exports(run_dir: Path, name: str, steps: list[int]) -> list[tuple[Path, str, list[int]]]:
+    """(export folder, label, step counts) to evaluate: a staged run (progressive rounds) has one export per stage
+    under RUN/stages/, each evaluated at its own step count; other runs have RUN/export at `steps`."""
+    stages = sorted((run_dir / "stages").glob("*/stepdistill.json")) if (run_dir / "stages").is_dir() else []
+    if not stages:
+        return [(run_dir / "export", name, steps)]
+    found = []
+    for spec in stages:
+        n = json.loads(spec.read_text())["num_inference_steps"]
+        found.append((spec.parent, f"{name}-{spec.parent.name}", [n]))
+    return sorted(found, key=lambda e: -e[2][0])
+
+
 def _fmt(v, nd):
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -143,12 +156,17 @@ def main(argv=None):
 
     rows = []
     by_steps: dict[tuple, list] = {}
+    run_of: dict[str, str] = {}  # evaluation label -> run name
     for config, steps in runs:
-        by_steps.setdefault(tuple(steps), []).append(_name(config))
-    for i, (steps, names) in enumerate(by_steps.items()):
-        report = evaluate([out / "runs" / n / "export" for n in names], names, list(steps),
+        name = _name(config)
+        for export, label, n in stage_exports(out / "runs" / name, name, steps):
+            by_steps.setdefault(tuple(n), []).append((export, label))
+            run_of[label] = name
+    for i, (steps, entries) in enumerate(by_steps.items()):
+        report = evaluate([e for e, _ in entries], [label for _, label in entries], list(steps),
                           out / f"eval-{'-'.join(map(str, steps))}steps", args, teacher=i == 0)
         rows += [r for r in report["rows"] if r.get("role") != "real" or i == 0]  # one real-images row
+    walls = {label: walls.get(name) for label, name in run_of.items()}
 
     teacher_info = {}
     info = snapshot / "shapes_teacher.json"
@@ -166,7 +184,7 @@ def main(argv=None):
     table = "\n".join(lines)
     header = (f"Shapes world, {args.num_images} images per row (seeds {args.seed}..), teacher "
               f"`{args.teacher}` ({json.dumps(teacher_info)}), teacher CFG {args.teacher_guidance} with DDIM; "
-              f"students with their exported LCMScheduler timesteps. Command: "
+              f"students with their exported schedulers and timesteps. Command: "
               f"`python tools/shapes_results.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     (out / "results.md").write_text(header + "\n\n" + table + "\n")
     print(header + "\n\n" + table)

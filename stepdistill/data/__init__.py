@@ -97,6 +97,11 @@ def load_source(cfg: DataConfig, needs_images: bool):
     src = cfg.source
     if src == "shapes" or src.startswith("shapes:"):
         split = src.split(":", 1)[1] if ":" in src else cfg.split
+        from .shapes import SPLITS
+
+        if split not in SPLITS:
+            raise StepdistillError(f"config key 'data.split' for the shapes world must be one of {', '.join(SPLITS)}, "
+                                   f"got '{split}'")
         ds = ShapesSource(split, cfg.resolution, cfg.max_samples or 20000)
     else:
         path = Path(src)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -25,23 +25,23 @@ except Exception:  # pragma: no cover
 
 # ----------------------------------------------------------------------------------------------------------------
 # vocabularies
-SHAPES: List[str] = ["circle", "square", "triangle", "diamond"]
-COLORS: List[str] = ["red", "green", "blue", "yellow", "purple", "orange"]
-BACKGROUNDS: List[str] = ["black", "white", "gray", "brown"]
-SIZES: List[str] = ["small", "large"]
-POSITIONS: List[str] = [
+SHAPES: list[str] = ["circle", "square", "triangle", "diamond"]
+COLORS: list[str] = ["red", "green", "blue", "yellow", "purple", "orange"]
+BACKGROUNDS: list[str] = ["black", "white", "gray", "brown"]
+SIZES: list[str] = ["small", "large"]
+POSITIONS: list[str] = [
     "top left", "top", "top right",
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 ]
-ATTRIBUTES: Dict[str, List[str]] = {
+ATTRIBUTES: dict[str, list[str]] = {
     "shape": SHAPES,
     "color": COLORS,
     "background": BACKGROUNDS,
     "size": SIZES,
     "position": POSITIONS,
 }
-ATTRIBUTE_NAMES: List[str] = list(ATTRIBUTES)
+ATTRIBUTE_NAMES: list[str] = list(ATTRIBUTES)
 
 COLOR_RGB = {
     "red": (220, 40, 40),
@@ -59,7 +59,7 @@ BACKGROUND_RGB = {
 }
 
 # caption grammar variants; {pos} is a position name
-TEMPLATES: List[str] = [
+TEMPLATES: list[str] = [
     "a {size} {color} {shape} at the {pos} on a {bg} background",
     "a {size} {color} {shape} in the {pos} of a {bg} background",
     "{bg} background with a {size} {color} {shape} at the {pos}",
@@ -78,7 +78,7 @@ _COLOR_JITTER = 6
 _SUPERSAMPLE = 4
 
 
-def all_words() -> List[str]:
+def all_words() -> list[str]:
     """Every word a caption can contain (the tokenizer's vocabulary)."""
     words = set(_GRAMMAR_WORDS)
     for values in ATTRIBUTES.values():
@@ -97,7 +97,7 @@ def max_caption_words() -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # labels and captions
-def make_labels(shape, color, background, size, position) -> Dict:
+def make_labels(shape, color, background, size, position) -> dict:
     """Labels dict from ints or names: ints under the attribute name, names under '<attr>_name'."""
     out = {}
     for attr, value in zip(ATTRIBUTE_NAMES, (shape, color, background, size, position)):
@@ -108,14 +108,14 @@ def make_labels(shape, color, background, size, position) -> Dict:
     return out
 
 
-def caption_for(labels: Dict, template: int = 0) -> str:
+def caption_for(labels: dict, template: int = 0) -> str:
     return TEMPLATES[template].format(
         size=labels["size_name"], color=labels["color_name"], shape=labels["shape_name"],
         pos=labels["position_name"], bg=labels["background_name"],
     )
 
 
-def parse_caption(caption: str) -> Dict:
+def parse_caption(caption: str) -> dict:
     """Inverse of the grammar: caption -> labels dict (ints and names). Raises ValueError when unparseable."""
     words = caption.lower().replace(",", " ").replace(".", " ").split()
 
@@ -145,7 +145,7 @@ def _sample_seed(split: str, index: int, seed: int) -> int:
     return int.from_bytes(h, "little")
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float) -> Optional[list]:
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list | None:
     if shape == "square":
         r = r * 0.9
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
@@ -157,7 +157,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> Optional[list]:
     return None
 
 
-def render(labels: Dict, size: int = 32, rng: Optional[np.random.Generator] = None) -> Image.Image:
+def render(labels: dict, size: int = 32, rng: np.random.Generator | None = None) -> Image.Image:
     """Render one image for the labels (jitter drawn from rng; no jitter when rng is None)."""
     S = size * _SUPERSAMPLE
     if rng is not None:
@@ -187,7 +187,7 @@ def render(labels: Dict, size: int = 32, rng: Optional[np.random.Generator] = No
     return img.resize((size, size), Image.BOX)
 
 
-def sample(split: str = "train", index: int = 0, size: int = 32, seed: int = 0) -> Dict:
+def sample(split: str = "train", index: int = 0, size: int = 32, seed: int = 0) -> dict:
     """The sample (split, index, seed): {"image", "caption", "labels"}; a pure function of its arguments."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -201,7 +201,7 @@ def sample(split: str = "train", index: int = 0, size: int = 32, seed: int = 0) 
 class ShapesDataset(_TorchDataset):
     """Map-style dataset over the shapes world; items are {"image": PIL RGB, "caption": str, "labels": dict}."""
 
-    def __init__(self, split: str = "train", size: int = 32, length: Optional[int] = None, seed: int = 0,
+    def __init__(self, split: str = "train", size: int = 32, length: int | None = None, seed: int = 0,
                  transform=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -211,7 +211,7 @@ class ShapesDataset(_TorchDataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> Dict:
+    def __getitem__(self, index: int) -> dict:
         if index < 0:
             index += self.length
         if not 0 <= index < self.length:
@@ -222,7 +222,7 @@ class ShapesDataset(_TorchDataset):
         return item
 
 
-def shapes_prompts(split: str = "test", n: int = 100, seed: int = 0, start: int = 0) -> List[str]:
+def shapes_prompts(split: str = "test", n: int = 100, seed: int = 0, start: int = 0) -> list[str]:
     """Captions of samples start..start+n-1 of a split (cheap: no rendering)."""
     out = []
     for i in range(start, start + n):
@@ -235,7 +235,7 @@ def shapes_prompts(split: str = "test", n: int = 100, seed: int = 0, start: int 
 def shapes_arrays(split: str = "train", n: int = 1000, size: int = 32, seed: int = 0, start: int = 0):
     """Batch helper: (uint8 array (n, size, size, 3), captions, labels as dict of int arrays)."""
     imgs = np.empty((n, size, size, 3), dtype=np.uint8)
-    caps: List[str] = []
+    caps: list[str] = []
     labs = {a: np.empty(n, dtype=np.int64) for a in ATTRIBUTE_NAMES}
     for k in range(n):
         s = sample(split, start + k, size, seed)
@@ -246,7 +246,7 @@ def shapes_arrays(split: str = "train", n: int = 1000, size: int = 32, seed: int
     return imgs, caps, labs
 
 
-def labels_from_captions(captions: Sequence[str]) -> Dict[str, np.ndarray]:
+def labels_from_captions(captions: Sequence[str]) -> dict[str, np.ndarray]:
     parsed = [parse_caption(c) for c in captions]
     return {a: np.array([p[a] for p in parsed], dtype=np.int64) for a in ATTRIBUTE_NAMES}
 

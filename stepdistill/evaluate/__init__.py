@@ -3,9 +3,10 @@
     stepdistill evaluate MODEL [MODEL ...] --steps 1,2,4 [--teacher PATH --teacher-steps 1,2,4,25] --out eval/
     stepdistill fid-stats DIR -o stats.npz
 
-``frechet_distance`` here is the one Frechet distance every part of stepdistill uses.
+``frechet_distance`` (from ``stepdistill.frechet``) is the one Frechet distance every part of stepdistill uses.
 """
-from .fid import FeatureStats, frechet_distance, preprocess
+from ..frechet import frechet_distance
+from .fid import FeatureStats, preprocess
 
 __all__ = ["frechet_distance", "FeatureStats", "preprocess", "run_evaluation", "EvalOptions", "ModelEntry"]
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 from ..errors import StepdistillError
 
 
-def _steps(text: str) -> List[int]:
+def _steps(text: str) -> list[int]:
     try:
         out = [int(s) for s in str(text).replace(" ", "").split(",") if s]
     except ValueError:
@@ -200,7 +199,7 @@ def run_fid_stats(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepdistill.evaluate")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)

@@ -14,7 +14,7 @@ Default for non-shapes prompts: ViT-g-14 / laion2b_s34b_b88k, the CLIP used for 
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,7 +50,7 @@ class ClipScorer:
         return (100.0 * (fi * ft).sum(-1)).clamp(min=0).cpu().numpy()
 
 
-def load_clip(model: str, pretrained: Optional[str] = None, device="cpu") -> ClipScorer:
+def load_clip(model: str, pretrained: str | None = None, device="cpu") -> ClipScorer:
     if model in ("shapes", "shapes-clip"):
         try:
             from .. import shapes_eval
@@ -87,5 +87,5 @@ def load_clip(model: str, pretrained: Optional[str] = None, device="cpu") -> Cli
     return ClipScorer(m.eval(), preprocess, tokenizer, name, device)
 
 
-def clip_score(scorer: ClipScorer, images: List[Image.Image], captions: List[str]) -> float:
+def clip_score(scorer: ClipScorer, images: list[Image.Image], captions: list[str]) -> float:
     return float(np.mean(scorer.scores(images, captions)))

@@ -3,28 +3,32 @@ the report. ``run_evaluation(EvalOptions(...))`` is what ``stepdistill evaluate`
 process or ``accelerate launch`` (see ``dist.py``)."""
 from __future__ import annotations
 
-import dataclasses
 import gc
+import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import numpy as np
 from PIL import Image
 
+from .. import shapes_eval
 from ..errors import StepdistillError
+from ..sampling import load_pipeline
+from ..utils import bundled_path, quiet_libraries, resolve_dtype
 from . import fid as fidmod
 from .dist import Dist, sharded_map
-from .generate import (check_meta, device_name, generate_folder, image_path, measure_speed, sampling_api,
-                       _prompts_digest)
+from .generate import (_prompts_digest, check_meta, device_name, generate_folder, image_path, measure_speed,
+                       weights_fingerprint)
 from .prompts import load_prompts
 
 FID_PROTOCOL = ("clean-fid style: images converted to RGB, center-cropped to square (references), resized with "
                 "PIL bicubic to the backbone's input size, uint8; features in float64; unbiased covariance; "
                 "scipy.linalg.sqrtm Frechet distance")
+MIN_FID_IMAGES = 100  # below this, FID's small-sample bias dominates: a warning
 SPEED_PROTOCOL = ("wall time of full pipeline calls (prompt encoding + all denoising steps + VAE decode + PIL "
                   "conversion) for the timed batches after one untimed warm-up batch, on rank 0, batch size as "
                   "listed; CUDA synchronized")
@@ -33,44 +37,44 @@ SPEED_PROTOCOL = ("wall time of full pipeline calls (prompt encoding + all denoi
 @dataclass
 class ModelEntry:
     path: str
-    label: Optional[str] = None
-    steps: Optional[List[int]] = None      # None: the export's own num_inference_steps
-    scheduler: Optional[str] = None
-    guidance: Optional[float] = None
+    label: str | None = None
+    steps: list[int] | None = None  # None: the export's own num_inference_steps
+    scheduler: str | None = None
+    guidance: float | None = None
     role: str = "student"
-    base_model: Optional[str] = None       # LoRA exports: another base pipeline than the export names
+    base_model: str | None = None  # LoRA exports: another base pipeline than the export names
 
 
 @dataclass
 class EvalOptions:
-    models: List[ModelEntry]
+    models: list[ModelEntry]
     out: str = "eval"
     prompts: str = "shapes:test"
-    prompt_column: Optional[str] = None
+    prompt_column: str | None = None
     coco_subset: int = 0
     num_images: int = 1000
     seed: int = 0
-    reference: Optional[str] = "auto"       # folder / .npz / shapes:SPLIT / "none"; auto: shapes prompts -> same split
-    reference_size: Optional[int] = None    # shapes references: number of images (default num_images)
-    floor_reference: Optional[str] = "auto"  # second real set for the real-vs-real floor; auto: shapes val<->test
+    reference: str | None = "auto"          # folder / .npz / shapes:SPLIT / "none"; auto: shapes prompts -> same split
+    reference_size: int | None = None       # shapes references: number of images (default num_images)
+    floor_reference: str | None = "auto"    # second real set for the real-vs-real floor; auto: shapes val<->test
     backbone: str = "auto"                  # inception | shapes | auto (shapes for shapes references)
-    inception_weights: Optional[str] = None
+    inception_weights: str | None = None
     clip_model: str = "auto"                # shapes | open_clip name | none | auto
-    clip_pretrained: Optional[str] = None
+    clip_pretrained: str | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
     speed_batches: int = 2
-    device: Optional[str] = None
+    device: str | None = None
     dtype: str = "auto"
-    height: Optional[int] = None
-    width: Optional[int] = None
+    height: int | None = None
+    width: int | None = None
     overwrite: bool = False
     grid_images: int = 16
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
 
-def _labels(models: List[ModelEntry]) -> None:
+def _labels(models: list[ModelEntry]) -> None:
     seen = set()
     for m in models:
         base = m.label or ("teacher" if m.role == "teacher" else Path(m.path.rstrip("/")).name or "model")
@@ -82,47 +86,17 @@ def _labels(models: List[ModelEntry]) -> None:
         m.label = label
 
 
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.float16 if str(device).startswith("cuda") else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise StepdistillError(f"unknown --dtype '{name}'; use fp32, fp16 or bf16")
-    return table[name]
-
-
-def _nfe(spec, steps: int, guidance: float) -> int:
-    try:
-        return int(spec.nfe(steps, guidance_scale=guidance))
-    except TypeError:
-        pass
-    try:
-        if dataclasses.is_dataclass(spec):
-            return int(dataclasses.replace(spec, guidance_scale=guidance).nfe(steps))
-        return int(spec.nfe(steps))
-    except Exception:
-        return steps * (2 if guidance > 1.0 else 1)
-
-
 def _load_rgb(path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
 
 
 def shapes_eval_available() -> bool:
-    """True when stepdistill.shapes_eval and its committed models (assets/shapes-eval) are there."""
-    try:
-        from .. import shapes_eval
-    except ImportError:
-        return False
-    d = getattr(shapes_eval, "EVAL_DIR", None)
-    return d is None or (Path(d) / getattr(shapes_eval, "ENCODER_CONFIG", "shapes_encoder.json")).is_file()
+    """True when the shapes world's committed evaluation models (assets/shapes-eval) are there."""
+    return (shapes_eval.EVAL_DIR / shapes_eval.ENCODER_CONFIG).is_file()
 
 
-def _attr_vector(res) -> List[float]:
+def _attr_vector(res) -> list[float]:
     """attribute_accuracy's result as [all, per-attribute...] (dict with 'all', or a float)."""
     if isinstance(res, dict):
         keys = sorted(k for k in res if k != "all")
@@ -131,21 +105,8 @@ def _attr_vector(res) -> List[float]:
     return [float(res)]
 
 
-def _attr_keys(res) -> List[str]:
+def _attr_keys(res) -> list[str]:
     return ["all"] + sorted(k for k in res if k != "all") if isinstance(res, dict) else ["all"]
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for mod in ("diffusers", "transformers"):
-        try:
-            lg = __import__(mod).utils.logging
-            lg.set_verbosity_error()
-            lg.disable_progress_bar()
-        except Exception:
-            pass
 
 
 class Evaluator:
@@ -162,7 +123,7 @@ class Evaluator:
     # ------------------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         o, dist = self.o, self.dist
-        _quiet_libraries()
+        quiet_libraries()
         if not o.models:
             raise StepdistillError("give at least one MODEL to evaluate")
         if o.num_images < 1:
@@ -253,11 +214,11 @@ class Evaluator:
             report["clip"] = {"model": scorer.name, "score": "mean over images of 100 * max(cos(image, caption), 0)"}
         attr_fn = None
         if shapes_split and shapes_eval_available():
-            from ..shapes_eval import attribute_accuracy as attr_fn
+            attr_fn = shapes_eval.attribute_accuracy
         elif shapes_split:
             self.log("shapes evaluation models not found (assets/shapes-eval): attribute accuracy skipped")
 
-        def metrics_for(load: Callable[[int], Image.Image], captions: List[str]) -> dict:
+        def metrics_for(load: Callable[[int], Image.Image], captions: list[str]) -> dict:
             res = {}
             n = len(captions)
             if backbone is not None:
@@ -285,6 +246,9 @@ class Evaluator:
                     res["attribute_accuracy_detail"] = {k: float(v) for k, v in zip(keys, mean)}
             return res
 
+        if backbone is not None and o.num_images < MIN_FID_IMAGES and dist.is_main:
+            print(f"warning: FID from {o.num_images} images is biased upward (it falls as the number of images grows): "
+                  f"compare only at equal --num-images, and use at least {MIN_FID_IMAGES}", file=sys.stderr)
         for row in rows:
             folder = Path(row["folder"])
             row.update(metrics_for(lambda i, f=folder: _load_rgb(image_path(f, i)), prompts))
@@ -314,9 +278,8 @@ class Evaluator:
         return report
 
     # ------------------------------------------------------------------------------------------------------------
-    def _generate_model(self, entry: ModelEntry, prompts, seeds, prompt_source) -> List[dict]:
+    def _generate_model(self, entry: ModelEntry, prompts, seeds, prompt_source) -> list[dict]:
         o, dist = self.o, self.dist
-        load_pipeline, generate_fn = sampling_api()
         self.log(f"loading {entry.label}: {entry.path}")
         kw = {}
         if entry.scheduler:
@@ -325,37 +288,40 @@ class Evaluator:
             kw["guidance_scale"] = entry.guidance
         if entry.base_model:
             kw["base_model"] = entry.base_model
-        pipe, spec = load_pipeline(entry.path, device=self.device, dtype=_dtype(o.dtype, self.device), **kw)
-        try:
-            pipe.set_progress_bar_config(disable=True)
-        except Exception:
-            pass
+        pipe, spec = load_pipeline(entry.path, device=self.device, dtype=resolve_dtype(o.dtype, self.device), **kw)
         steps_list = entry.steps or [int(spec.num_inference_steps)]
         guidance = float(spec.guidance_scale if entry.guidance is None else entry.guidance)
+        # cached images belong to the weights and the spec that made them: a re-export or retraining invalidates them
+        folders = [os.path.join(entry.path, "export") if os.path.isfile(os.path.join(entry.path, "run.json"))
+                   else entry.path]
+        if spec.format == "lora":
+            folders.append(bundled_path(entry.base_model or spec.base_model or ""))
+        weights = weights_fingerprint(folders) if dist.is_main else None
+        spec_json = json.loads(json.dumps(spec.to_json()))
         rows = []
         for steps in steps_list:
             folder = self.out / entry.label / f"steps_{steps}"
             meta = {"model": os.path.abspath(entry.path) if os.path.exists(entry.path) else entry.path,
                     "steps": steps, "guidance": guidance, "scheduler": spec.scheduler_class,
                     "prompts": prompt_source, "batch_size": o.batch_size, "height": o.height, "width": o.width,
-                    "num_images": o.num_images}
+                    "num_images": o.num_images, "weights": weights, "spec": spec_json}
             digests = _prompts_digest(prompts, seeds)
             check_meta(folder, meta, digests, o.overwrite, dist)
             t0 = time.perf_counter()
-            made = generate_folder(pipe, spec, generate_fn, prompts, seeds, folder, steps=steps,
+            made = generate_folder(pipe, spec, prompts, seeds, folder, steps=steps,
                                    guidance=entry.guidance, batch_size=o.batch_size, dist=dist, height=o.height,
                                    width=o.width, log=self.log)
             gen_s = time.perf_counter() - t0
             made = int(sum(dist.all_gather(made)))
             speed = None
             if dist.is_main and o.speed_batches > 0:
-                speed = measure_speed(pipe, spec, generate_fn, prompts, seeds, steps=steps, guidance=entry.guidance,
+                speed = measure_speed(pipe, spec, prompts, seeds, steps=steps, guidance=entry.guidance,
                                       batch_size=o.batch_size, batches=o.speed_batches, device=self.device,
                                       height=o.height, width=o.width)
             speed = dist.broadcast(speed)
             rows.append({"label": entry.label, "role": entry.role, "model": meta["model"], "steps": steps,
-                         "nfe": _nfe(spec, steps, guidance), "guidance": guidance,
-                         "scheduler": spec.scheduler_class, "format": getattr(spec, "format", None),
+                         "nfe": spec.nfe(steps, guidance), "guidance": guidance,
+                         "scheduler": spec.scheduler_class, "format": spec.format,
                          "folder": str(folder), "generated_now": made,
                          "generation_seconds_rank0": gen_s, "speed": speed})
         del pipe
@@ -370,7 +336,7 @@ class Evaluator:
         return rows
 
     # ------------------------------------------------------------------------------------------------------------
-    def _reference_stats(self, ref: str, backbone, gen_size: Optional[int]) -> "fidmod.FeatureStats":
+    def _reference_stats(self, ref: str, backbone, gen_size: int | None) -> "fidmod.FeatureStats":
         o, dist = self.o, self.dist
         if ref.endswith(".npz"):
             if not os.path.isfile(ref):
@@ -385,8 +351,8 @@ class Evaluator:
                                batch_size=o.eval_batch_size, log=self.log)
 
 
-def reference_stats(ref: str, backbone, dist: Dist, *, image_size: Optional[int] = None, n: Optional[int] = None,
-                    batch_size: int = 64, files: Optional[list] = None, log=print,
+def reference_stats(ref: str, backbone, dist: Dist, *, image_size: int | None = None, n: int | None = None,
+                    batch_size: int = 64, files: list | None = None, log=print,
                     use_cache: bool = True) -> "fidmod.FeatureStats":
     """Statistics of a real image set (shapes:SPLIT or a folder), cached under $STEPDISTILL_CACHE/fid-stats."""
     if ref.startswith("shapes"):

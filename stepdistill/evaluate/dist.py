@@ -8,7 +8,7 @@ Per-item results are gathered to every rank in index order.
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -71,11 +71,11 @@ def release_process_group() -> None:
         td.destroy_process_group()
 
 
-def chunks(n: int, batch_size: int) -> List[range]:
+def chunks(n: int, batch_size: int) -> list[range]:
     return [range(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def my_chunks(n: int, batch_size: int, dist: Dist) -> List[range]:
+def my_chunks(n: int, batch_size: int, dist: Dist) -> list[range]:
     return [c for k, c in enumerate(chunks(n, batch_size)) if k % dist.world == dist.rank]
 
 

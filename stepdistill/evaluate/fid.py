@@ -7,7 +7,7 @@ Protocol (clean-fid style, applied identically to generated and reference images
    (299x299 for Inception; the shapes encoder's own size) and quantized to uint8;
 3. the uint8 tensor (N, 3, H, W) goes through the backbone; features are taken in float64;
 4. mu / sigma (unbiased covariance, ``np.cov`` with ``rowvar=False``) in float64;
-5. ``frechet_distance`` below, the one implementation every part of stepdistill uses.
+5. ``frechet_distance`` (``stepdistill.frechet``), the one implementation every part of stepdistill uses.
 
 Backbones: ``inception`` is torchmetrics' ``NoTrainInceptionV3`` (``FrechetInceptionDistance(feature=2048)``'s
 extractor: the TF-ported pt_inception-2015-12-05 weights, pool3 2048-d features); it needs its weights file
@@ -19,68 +19,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..errors import StepdistillError
+from ..frechet import frechet_distance
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
 )
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the Frechet distance
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    import warnings
-
-    from scipy import linalg
-
-    with warnings.catch_warnings():  # "matrix is singular" is handled by the caller (eps offset)
-        warnings.simplefilter("ignore")
-        out = linalg.sqrtm(a)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-    d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)).
-    Same numerics as pytorch-fid / clean-fid: ``scipy.linalg.sqrtm``; if the product is near-singular (non-finite
-    square root) ``eps`` is added to both diagonals; a complex result with a negligible imaginary diagonal is
-    replaced by its real part (a large imaginary component is an error).
-    """
-    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
-    mu2 = np.atleast_1d(np.asarray(mu2, dtype=np.float64))
-    sigma1 = np.atleast_2d(np.asarray(sigma1, dtype=np.float64))
-    sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise StepdistillError(
-            f"FID statistics have different dimensions ({mu1.shape[0]} vs {mu2.shape[0]} features); "
-            "compute both with the same --backbone")
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2)
-                 - 2.0 * _trace_sqrt_product(sigma1, sigma2, eps))
-
-
-def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
-    """Tr sqrt(sigma1 sigma2) the pytorch-fid way. (For 2048-d features sqrtm takes ~20 s on a 2-core CPU.)"""
-    covmean = _sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            m = np.max(np.abs(covmean.imag))
-            raise ValueError(f"Frechet distance: imaginary component {m} in sqrtm(sigma1 sigma2)")
-        covmean = covmean.real
-    return float(np.trace(covmean))
 
 
 @dataclass
@@ -143,7 +96,7 @@ def center_crop_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + s, top + s))
 
 
-def preprocess(img: Image.Image, size: Optional[int], crop: bool = True) -> np.ndarray:
+def preprocess(img: Image.Image, size: int | None, crop: bool = True) -> np.ndarray:
     """PIL image -> uint8 (3, size, size): RGB, center crop to square, PIL bicubic resize (clean-fid style)."""
     img = img.convert("RGB")
     if crop:
@@ -158,7 +111,7 @@ def preprocess(img: Image.Image, size: Optional[int], crop: bool = True) -> np.n
 class Backbone:
     """A feature extractor: uint8 (N, 3, S, S) -> (N, D) features, with the name written into stats files."""
 
-    def __init__(self, name: str, module, image_size: Optional[int], num_features: int, device="cpu"):
+    def __init__(self, name: str, module, image_size: int | None, num_features: int, device="cpu"):
         self.name, self.module, self.image_size, self.num_features = name, module, image_size, num_features
         self.device = device
 
@@ -180,7 +133,7 @@ class Backbone:
         return (f.float() if f.dtype != torch.float64 else f).cpu().numpy()
 
 
-def find_inception_weights(path: Optional[str] = None) -> str:
+def find_inception_weights(path: str | None = None) -> str:
     """The local Inception weights file: explicit path, $STEPDISTILL_INCEPTION_WEIGHTS, or the torch hub cache."""
     if path:
         if not os.path.isfile(path):
@@ -201,7 +154,7 @@ def find_inception_weights(path: Optional[str] = None) -> str:
         f"pass --inception-weights PATH (or put it at {cached}), or use --backbone shapes")
 
 
-def load_inception(weights: Optional[str] = None, device="cpu") -> Backbone:
+def load_inception(weights: str | None = None, device="cpu") -> Backbone:
     path = find_inception_weights(weights)
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
@@ -236,7 +189,7 @@ def load_shapes_backbone(device="cpu") -> Backbone:
     return Backbone("shapes-encoder", enc, int(size) if size else None, int(enc.num_features), device)
 
 
-def load_backbone(name: str, inception_weights: Optional[str] = None, device="cpu") -> Backbone:
+def load_backbone(name: str, inception_weights: str | None = None, device="cpu") -> Backbone:
     name = (name or "inception").lower()
     if name in ("inception", "inception-v3", "inception-v3-2048", "2048"):
         return load_inception(inception_weights, device)
@@ -247,7 +200,7 @@ def load_backbone(name: str, inception_weights: Optional[str] = None, device="cp
 
 # ----------------------------------------------------------------------------------------------------------------
 # references
-def list_images(folder) -> List[Path]:
+def list_images(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise StepdistillError(f"reference folder '{folder}' does not exist")

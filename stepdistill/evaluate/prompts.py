@@ -20,7 +20,6 @@ import csv
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 import numpy as np
 
@@ -31,12 +30,12 @@ DEFAULT_COLUMNS = ("prompt", "caption", "text")
 
 @dataclass
 class PromptSet:
-    prompts: List[str]
+    prompts: list[str]
     source: str
-    shapes_split: Optional[str] = None          # set when the prompts are the shapes world's captions
-    coco_images: List[dict] = field(default_factory=list)  # [{"id", "file_name"}] aligned with prompts (COCO)
+    shapes_split: str | None = None          # set when the prompts are the shapes world's captions
+    coco_images: list[dict] = field(default_factory=list)  # [{"id", "file_name"}] aligned with prompts (COCO)
 
-    def take(self, n: Optional[int]) -> List[str]:
+    def take(self, n: int | None) -> list[str]:
         """The first n prompts, cycling through the set when n is larger."""
         if not self.prompts:
             raise StepdistillError(f"no prompts in '{self.source}'")
@@ -45,7 +44,7 @@ class PromptSet:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
 
 
-def _pick_column(keys, column: Optional[str], where: str) -> str:
+def _pick_column(keys, column: str | None, where: str) -> str:
     if column:
         if column not in keys:
             raise StepdistillError(f"column '{column}' not in {where} (columns: {', '.join(map(str, keys))}); "
@@ -80,8 +79,8 @@ def coco_subset(annotations: dict, subset: int, seed: int):
     return caps, [{"id": i, "file_name": files.get(i, "")} for i in chosen]
 
 
-def load_prompts(source: str, *, column: Optional[str] = None, coco_subset_size: int = 0, seed: int = 0,
-                 num: Optional[int] = None) -> PromptSet:
+def load_prompts(source: str, *, column: str | None = None, coco_subset_size: int = 0, seed: int = 0,
+                 num: int | None = None) -> PromptSet:
     if source.startswith("shapes:") or source == "shapes":
         split = source.split(":", 1)[1] if ":" in source else "test"
         from ..data.shapes import SPLITS, shapes_prompts

@@ -5,7 +5,6 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import List, Optional
 
 from PIL import Image
 
@@ -22,7 +21,7 @@ def _fmt(v, nd=2) -> str:
     return str(v)
 
 
-def sample_grid(folder: Path, n: int, cols: Optional[int] = None) -> Optional[Image.Image]:
+def sample_grid(folder: Path, n: int, cols: int | None = None) -> Image.Image | None:
     files = [image_path(folder, i) for i in range(n)]
     files = [f for f in files if f.exists()]
     if not files:
@@ -45,7 +44,7 @@ def sample_grid(folder: Path, n: int, cols: Optional[int] = None) -> Optional[Im
     return grid
 
 
-def _plot(rows: List[dict], key: str, ylabel: str, path: Path, hline=None, hlabel=None) -> bool:
+def _plot(rows: list[dict], key: str, ylabel: str, path: Path, hline=None, hlabel=None) -> bool:
     pts = [r for r in rows if r.get(key) is not None and r.get("nfe")]
     if not pts:
         return False

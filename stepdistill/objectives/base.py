@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..config import Config, from_dict, load_config
 from ..errors import StepdistillError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,10 +48,26 @@ class DistillSetup:
 
     teacher: "Teacher"
     student: torch.nn.Module  # the student UNet (for LoRA: the teacher's UNet with the student adapter)
-    student_type: str  # "lora" | "full"
+    student_type: str  # "lora" | "full" | "small" (a small student is a full student of another architecture)
     lr: float
     resolution: int
     device: torch.device
+    max_steps: int = 0  # train.max_steps (objectives with stages split it)
+
+
+@dataclass
+class Stage:
+    """One stage of a multi-stage run (a progressive round, a guided-distillation stage, a recipe's phase).
+
+    The trainer runs stages back to back: when a stage's steps are done it exports the student (if `export`),
+    calls `Objective.begin_stage(next, source)` and, if `reset_optimizers`, clears the optimizers' moments.
+    Its position is checkpointed, so `resume` is exact across a boundary.
+    """
+
+    name: str  # also the export folder under RUN/stages/
+    steps: int  # trainer steps in this stage
+    export: bool = True
+    reset_optimizers: bool = True
 
 
 class Objective:
@@ -64,8 +81,6 @@ class Objective:
 
     @classmethod
     def parse_options(cls, options: dict):
-        from ..config import from_dict
-
         parsed = from_dict(cls.Options, options, "objective.options")
         if hasattr(parsed, "check"):
             parsed.check()
@@ -86,6 +101,16 @@ class Objective:
 
     def after_update(self, network: str) -> None:
         """Called after each optimizer step of `network` (e.g. to move an EMA target)."""
+
+    # --- stages ------------------------------------------------------------------------------------------
+    def stages(self) -> list[Stage]:
+        """The run's stages in order; [] means one stage, the whole run."""
+        return []
+
+    def begin_stage(self, index: int, source: torch.nn.Module) -> None:
+        """Called once when stage `index` starts (index 0 at the start of a fresh run, never on resume: the
+        objective's state_dict carries what a stage set up). `source` holds the weights the last stage ended
+        with (the EMA shadow when train.ema_decay > 0, else the live student)."""
 
     # --- extra state and sampling ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -112,3 +137,17 @@ def get_objective(name: str) -> type[Objective]:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise StepdistillError(f"unknown objective '{name}'{hint}; registered: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
+
+
+def check_objective_options(cfg: Config):
+    """The objective's parsed Options for `cfg`; an unknown objective or a bad option raises a one-line
+    StepdistillError. Cheap (no model is loaded), so a run calls it before anything else."""
+    return get_objective(cfg.objective.name).parse_options(cfg.objective.options)
+
+
+def load_run_config(path, overrides: list[str] = ()) -> Config:
+    """`config.load_config` for a run: the config, with its objective's options checked too, so a typo in
+    objective.options stops `stepdistill train` (or export) in one line before any model is loaded."""
+    cfg = load_config(path, overrides)
+    check_objective_options(cfg)
+    return cfg

@@ -21,6 +21,7 @@ from ..ema import EMA
 from ..errors import StepdistillError
 from ..losses import consistency_boundary_scalings, distance
 from ..models import STUDENT_ADAPTER
+from ..sampling import SamplingSpec, scheduler_timesteps
 from .base import Batch, Objective, TrainedNetwork, register
 
 
@@ -108,8 +109,6 @@ class Consistency(Objective):
             self.ema.load_state_dict(state["ema"])
 
     def sampling_spec(self):
-        from ..sampling import SamplingSpec, scheduler_timesteps
-
         o = self.opt
         embedded = getattr(self.setup.student.config, "time_cond_proj_dim", None) is not None
         guidance = o.sample_guidance if o.sample_guidance is not None else (1.0 + (o.w_min + o.w_max) / 2 if embedded else 1.0)
@@ -122,4 +121,5 @@ class Consistency(Objective):
                             scheduler_class="LCMScheduler", scheduler_config=config,
                             num_inference_steps=o.num_inference_steps,
                             timesteps={n: scheduler_timesteps("LCMScheduler", config, n) for n in steps},
-                            guidance_scale=guidance, objective=self.name, resolution=self.setup.resolution)
+                            guidance_scale=guidance, embedded_guidance=embedded, objective=self.name,
+                            resolution=self.setup.resolution)

@@ -32,7 +32,8 @@ from ..denoiser import Denoiser
 from ..errors import StepdistillError
 from ..losses import (denoising_score_matching, distribution_matching_surrogate, dmd_gradient, gan_discriminator_loss,
                       gan_generator_loss, l2)
-from ..models import STUDENT_ADAPTER, add_lora
+from ..models import STUDENT_ADAPTER, adapter_state_kept, add_lora
+from ..sampling import SamplingSpec
 from .base import Batch, Objective, TrainedNetwork, register
 
 FAKE_ADAPTER = "fake"
@@ -47,18 +48,11 @@ def adapter_params(unet, adapter: str) -> list[torch.nn.Parameter]:
 def add_fake_adapter(unet, rank: int, alpha: float, targets: list[str] | None = None) -> None:
     """Add the trainable "fake" LoRA adapter without disturbing the active adapter or its trainable flags
     (peft's add_adapter activates the new adapter and freezes the others)."""
-    active = unet.active_adapters() if getattr(unet, "_hf_peft_config_loaded", False) else []
-    flags = {p: p.requires_grad for p in unet.parameters()}
     cfg = StudentConfig(type="lora", lora_rank=rank, lora_alpha=alpha)
     if targets:
         cfg.lora_targets = list(targets)
-    add_lora(unet, cfg, FAKE_ADAPTER)
-    if active:
-        unet.set_adapter(active)
-    else:  # a plain teacher UNet stays the plain teacher outside adapter scopes
-        unet.disable_adapters()
-    for p, flag in flags.items():
-        p.requires_grad_(flag)
+    with adapter_state_kept(unet):
+        add_lora(unet, cfg, FAKE_ADAPTER)
     for p in adapter_params(unet, FAKE_ADAPTER):
         p.requires_grad_(True)
 
@@ -278,8 +272,6 @@ class DistributionMatching(Objective):
 
     # --- export ----------------------------------------------------------------------------------------------
     def sampling_spec(self):
-        from ..sampling import SamplingSpec
-
         ts = self.timesteps
         n = len(ts)
         # LCMScheduler reproduces training exactly: x0 = the student's prediction (a large timestep_scaling makes

@@ -75,26 +75,33 @@ def save_pipeline(out, vae, te, unet, tok, log, extra=None):
 
 def accuracy_check(pipe, n, guidance_scale, steps=25):
     """Attribute accuracy of `pipe` (DDIM `steps`, CFG) on the first n test prompts; None without the encoder."""
-    from stepdistill.data.shapes import shapes_arrays
+    from stepdistill.data.shapes import shapes_prompts
+    from stepdistill.sampling import generate
     from stepdistill.shapes_eval import EVAL_DIR, ENCODER_FILE, attribute_accuracy
-    from teacher_quality import generate
 
     if n <= 0 or not (EVAL_DIR / ENCODER_FILE).exists():
         return None
-    _, prompts, _ = shapes_arrays("test", n)
+    prompts = shapes_prompts("test", n)
     pipe.set_progress_bar_config(disable=True)
-    imgs = generate(pipe, prompts, steps, guidance_scale, seed=0, batch_size=n)
+    # as `stepdistill evaluate` samples the teacher: image i with seed i
+    imgs = generate(pipe, teacher_spec(guidance_scale, steps), prompts, list(range(n)), batch_size=n)
     return {k: round(v, 3) for k, v in attribute_accuracy(imgs, prompts).items()}
 
 
-def write_teacher_spec(out, guidance_scale, steps=25):
-    """stepdistill.json: how `stepdistill sample` / `evaluate` sample this teacher by default (DDIM, CFG)."""
-    from stepdistill.sampling import SPEC_FILE, SamplingSpec
+def teacher_spec(guidance_scale, steps=25):
+    """How `stepdistill sample` / `evaluate` sample this teacher by default (DDIM, CFG)."""
+    from stepdistill.sampling import SamplingSpec
 
-    spec = SamplingSpec(format="pipeline", scheduler_class="DDIMScheduler",
+    return SamplingSpec(format="pipeline", scheduler_class="DDIMScheduler",
                         scheduler_config=dict(DDIMScheduler(**SCHEDULER_KWARGS).config), num_inference_steps=steps,
                         guidance_scale=guidance_scale, resolution=32)
-    write_json(os.path.join(out, SPEC_FILE), spec.to_json())
+
+
+def write_teacher_spec(out, guidance_scale, steps=25):
+    """stepdistill.json: the teacher's sampling spec."""
+    from stepdistill.sampling import SPEC_FILE
+
+    write_json(os.path.join(out, SPEC_FILE), teacher_spec(guidance_scale, steps).to_json())
 
 
 def widen_conv_in(state, kernel):

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .errors import StepdistillError
+from .errors import StepdistillError, TrainingInterrupted
 
 DEFAULT_CONFIG = "configs/shapes/consistency_lora.yaml"
 
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:  # the trainer has printed the step and the checkpoint to resume from
+        return err.exit_code  # 130 for SIGINT, 143 for SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -82,6 +82,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
+    max_nonfinite_skips: int = 10  # updates with a nan/inf loss or gradient are skipped; this many in a row stop
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # forced to "no" on CPU (bf16 is ~20x slower there)
@@ -111,6 +112,7 @@ class Config:
         positive = {"student.lora_rank": self.student.lora_rank, "train.max_steps": self.train.max_steps,
                     "train.batch_size": self.train.batch_size, "train.grad_accum": self.train.grad_accum,
                     "train.checkpoint_every": self.train.checkpoint_every,
+                    "train.max_nonfinite_skips": self.train.max_nonfinite_skips,
                     "train.keep_checkpoints": self.train.keep_checkpoints, "train.log_every": self.train.log_every,
                     "data.resolution": self.data.resolution}
         for key, value in positive.items():

@@ -150,7 +150,8 @@ def _hub_offline(err: BaseException) -> str | None:
 def check_resolution(resolution: int, vae, *unets) -> None:
     """Refuse, before training, an image size the VAE and the UNets cannot take (else it fails at sampling)."""
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_factor = max(2 ** (len(u.config.down_block_types) - 1) for u in unets)
+    unet_factor = max([2 ** (len(u.config.down_block_types) - 1) for u in unets
+                       if "down_block_types" in getattr(u, "config", {})] or [1])
     multiple = vae_factor * unet_factor
     if resolution % multiple:
         lower = max(multiple, resolution // multiple * multiple)

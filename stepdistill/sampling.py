@@ -125,7 +125,7 @@ def _from_pretrained(model: str, dtype):
 def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: str | None = None,
                   base_model: str | None = None, guidance_scale: float | None = None):
     """(pipeline, spec) for an export folder, a training run folder, or a plain diffusers pipeline."""
-    model = str(model)
+    model = bundled_path(str(model))  # e.g. --teacher assets/shapes-teacher from any directory
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, "run.json")):
         export = os.path.join(model, "export")
         if not os.path.isfile(os.path.join(export, SPEC_FILE)):

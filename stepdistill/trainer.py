@@ -12,6 +12,9 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from .checkpoints import list_checkpoints, resolve_resume
 from .config import Config, save_config, to_dict
 from .data import BatchStream, image_to_tensor, load_source
 from .ema import EMA
-from .errors import StepdistillError
+from .errors import StepdistillError, TrainingInterrupted
 from .models import build_student, check_resolution, load_teacher, load_trainable_state_dict, trainable_state_dict
 from .objectives import Batch, DistillSetup, get_objective
 from .utils import atomic_write_json, image_grid, save_image_atomic
@@ -36,13 +39,15 @@ class TrainState:
         self.step = 0
         self.drawn = 0
         self.stage = 0  # index into Objective.stages()
+        self.nonfinite: dict[str, int] = {}  # network -> consecutive updates skipped for a non-finite loss/gradient
 
     def state_dict(self):
-        return {"step": self.step, "drawn": self.drawn, "stage": self.stage}
+        return {"step": self.step, "drawn": self.drawn, "stage": self.stage, "nonfinite": dict(self.nonfinite)}
 
     def load_state_dict(self, state):
         self.step, self.drawn = int(state["step"]), int(state["drawn"])
         self.stage = int(state.get("stage", 0))
+        self.nonfinite = {str(k): int(v) for k, v in state.get("nonfinite", {}).items()}
 
 
 class _StateAdapter:
@@ -189,10 +194,18 @@ class Trainer:
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self) -> Path:
+        """Train to train.max_steps, then sample, write RUN/final and export.
+
+        SIGINT and SIGTERM stop the run at the next step boundary with a checkpoint there, and raise
+        TrainingInterrupted (the CLI exits 130 / 143); a second signal acts at once."""
+        with self._catch_signals():
+            return self._train()
+
+    def _train(self) -> Path:
         acc, tc = self.accelerator, self.cfg.train
-        resume = resolve_resume(self.run_dir, tc.resume)
+        resume = resolve_resume(self.run_dir, tc.resume, self._checkpoint_files(), acc.print, acc.is_main_process)
         if resume is not None:
-            acc.load_state(str(resume))
+            self._load_checkpoint(resume)
             acc.print(f"resumed from {resume} at step {self.state.step}")
         elif tc.resume == "latest":
             acc.print("train.resume=latest: no checkpoint yet, starting from scratch")
@@ -224,21 +237,104 @@ class Trainer:
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")})
             if step % tc.log_every == 0 or step == tc.max_steps:
-                logs = {key: sum(vs) / len(vs) for key, vs in pending.items()}
+                logs = _reduce_logs(pending)
                 pending.clear()
                 logs.update(step=step, it_per_s=steps_done / (time.time() - t0),
                             lr={n: s.get_last_lr()[0] for n, s in self.schedulers.items()})
                 self._log(logs)
-            if step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            saved = step % tc.checkpoint_every == 0 or step == tc.max_steps
+            if saved:
                 self.save_checkpoint()
             if tc.sample_every and step % tc.sample_every == 0 and step != tc.max_steps:
                 self.sample_grid(step)
+            if self._agreed_signal():
+                self._interrupt(progress, saved, pending)
         if progress is not None:
             progress.close()
         self.sample_grid(self.state.step)
-        self.finish()
+        if self._agreed_signal():  # the checkpoint at max_steps is on disk; a resume only samples and exports
+            self._interrupt(None, True, {})
+        self.finish()  # a signal from here on is honoured by finishing: the run is complete a moment later
         self.close()
         return self.run_dir
+
+    # --- signals and resume -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _catch_signals(self):
+        """While training, SIGINT and SIGTERM only set a flag, read at the next step boundary; a second signal gets
+        the previous behaviour at once (checkpoints and exports are written atomically, so even then nothing that
+        looks complete is half-written). Handlers can only be set in the main thread: elsewhere signals keep theirs."""
+        self._signal = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {}
+        main = self.accelerator.is_main_process
+
+        def handler(signum, frame):
+            if self._signal:
+                signal.signal(signum, previous[signum] if previous[signum] is not None else signal.SIG_DFL)
+                signal.raise_signal(signum)
+                return
+            self._signal = signum
+            if main:  # os.write: print is not safe inside a signal handler
+                os.write(2, f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                            "(again to stop at once)\n".encode())
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    def _agreed_signal(self) -> int:
+        """The signal that stops the run at this step boundary (0: none), the same on every rank."""
+        signum = getattr(self, "_signal", 0)
+        if self.accelerator.num_processes == 1:
+            return signum
+        return int(self.accelerator.gather(torch.tensor([signum], device=self.device)).max())
+
+    def _interrupt(self, progress, saved: bool, pending: dict) -> None:
+        """Stop at this step boundary: checkpoint (unless this step wrote one), log, close, raise."""
+        acc, step = self.accelerator, self.state.step
+        signum = self._agreed_signal()
+        ckpt = self.run_dir / "checkpoints" / f"checkpoint-{step}" if saved else self.save_checkpoint()
+        if pending:
+            self._log({**_reduce_logs(pending), "step": step})
+        if progress is not None:
+            progress.close()
+        err = TrainingInterrupted(signum, step, ckpt)
+        if acc.is_main_process:
+            print(str(err), file=sys.stderr, flush=True)
+        self.close()
+        raise err
+
+    def _checkpoint_files(self) -> list[str]:
+        """The files accelerate's save_state writes into a checkpoint of this trainer (what resume checks)."""
+        from accelerate.utils import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_MODEL_NAME, SCALER_NAME, SCHEDULER_NAME
+
+        def numbered(stem: str, n: int, ext: str) -> list[str]:
+            return [f"{stem}{f'_{i}' if i else ''}.{ext}" for i in range(n)]
+
+        k = len(self.optimizers)
+        files = (numbered(SAFE_MODEL_NAME, len(self._trained_names), "safetensors") + numbered(OPTIMIZER_NAME, k, "bin")
+                 + numbered(SCHEDULER_NAME, k, "bin") + [f"{RNG_STATE_NAME}_0.pkl"]
+                 + [f"custom_checkpoint_{i}.pkl" for i in range(len(self.accelerator._custom_objects))])
+        return files + ([SCALER_NAME] if self.accelerator.scaler is not None else [])
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """accelerate's load_state, after resolve_resume has checked every file; a failure that check cannot see
+        (a corrupt tensor inside an intact archive) stops in one line instead of training on half-loaded state."""
+        try:
+            self.accelerator.load_state(str(path))
+        except StepdistillError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise StepdistillError(f"checkpoint '{path}' is corrupt or incomplete ({reason}); resume from an "
+                                   "earlier one with train.resume=RUN/checkpoints/checkpoint-N") from None
 
     # --- stages ---------------------------------------------------------------------------------------------
     def _advance_stage(self) -> None:
@@ -318,20 +414,75 @@ class Trainer:
                     acc.backward(losses["loss"] / tc.grad_accum)
                 for key, v in losses.items():
                     totals[key] = totals.get(key, 0.0) + float(v.detach()) / tc.grad_accum
+            # The backward pass above always runs, even on a non-finite loss: under DDP it is a collective, and a
+            # rank that skipped it would hang the others. The decision below is the same on every rank.
+            bad_loss = self._any_rank(not math.isfinite(totals.get("loss", 0.0)))
+            if bad_loss and acc.scaler is not None:  # fp16: poisoned gradients make the GradScaler skip the step
+                for p in self.params[name]:
+                    if p.grad is not None:
+                        p.grad.fill_(float("nan"))
+            norm = None
             if tc.max_grad_norm > 0:
                 norm = acc.clip_grad_norm_(self.params[name], tc.max_grad_norm)
                 totals["grad_norm"] = float(norm)
-            opt.step()
-            self.schedulers[name].step()
+            if acc.scaler is not None:  # it skips (and lowers its scale) on non-finite gradients itself
+                opt.step()
+                self.schedulers[name].step()
+                skipped = bool(opt.step_was_skipped)
+            else:
+                skipped = bad_loss or not self._grads_finite(name, norm)  # the gradients agree across ranks
+                if not skipped:
+                    opt.step()
+                    self.schedulers[name].step()
             opt.zero_grad(set_to_none=True)
-            self.objective.after_update(name)
-            if name == "student" and self.ema is not None:
-                self.ema.update(self.student)
+            if not skipped:
+                self.objective.after_update(name)
+                if name == "student" and self.ema is not None:
+                    self.ema.update(self.student)
+            self._count_nonfinite(name, skipped, counts=bad_loss or acc.scaler is None, loss=totals.get("loss"))
+            if skipped:  # a skipped update's losses (nan, inf) would poison the logged means
+                totals = {"nonfinite_skips": 1.0}
+            totals["nonfinite_skips"] = float(skipped)
             for key, v in totals.items():
                 logs[key if name == "student" else f"{name}/{key}"] = v
-        if not math.isfinite(logs.get("loss", 0.0)):
-            raise StepdistillError(f"loss became {logs['loss']} at step {step}; lower train.lr or check the data")
         return logs
+
+    # --- non-finite losses and gradients --------------------------------------------------------------------
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.device)).max() > 0)
+
+    def _grads_finite(self, name: str, norm) -> bool:
+        if norm is None:  # no clipping: the norm is computed here only for the check
+            grads = [p.grad for p in self.params[name] if p.grad is not None]
+            if not grads:
+                return True
+            norm = torch.nn.utils.get_total_norm(grads)
+        return math.isfinite(float(norm))
+
+    def _count_nonfinite(self, name: str, skipped: bool, counts: bool, loss) -> None:
+        """A skipped update of `name` extends its run of consecutive skips; train.max_nonfinite_skips of them stop
+        the run. Skips are never written into the weights, so the checkpoints on disk stay good. Under fp16 the
+        GradScaler's own overflow skips (finite loss) are logged but not counted: they are how it finds its scale."""
+        streak = self.state.nonfinite
+        if not skipped:
+            streak.pop(name, None)
+            return
+        if not counts:
+            return
+        streak[name] = streak.get(name, 0) + 1
+        limit, step = self.cfg.train.max_nonfinite_skips, self.state.step + 1  # 1-based, as logged
+        log.warning("step %d: non-finite %s loss or gradient (loss %s); update skipped (%d in a row, stop at %d)",
+                    step, name, loss, streak[name], limit)
+        if streak[name] >= limit:
+            ckpts = list_checkpoints(self.run_dir)
+            kept = f"the last checkpoint, '{ckpts[-1]}', holds the last good weights" if ckpts else "no checkpoint yet"
+            self.close()
+            raise StepdistillError(f"network '{name}': {limit} consecutive non-finite losses or gradients (last at "
+                                   f"step {step}, train.max_nonfinite_skips={limit}); stopped, {kept}; lower "
+                                   "train.lr or check the data")
 
     def _log(self, logs: dict) -> None:
         acc = self.accelerator
@@ -369,10 +520,12 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             atomic_write_json(tmp / "trainer_state.json", self.state.state_dict())
-            shutil.rmtree(final, ignore_errors=True)
+            _remove_checkpoint(final)
             os.replace(tmp, final)
             for old in list_checkpoints(self.run_dir)[:-tc.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_checkpoint(old)
+            for stale in root.glob(".checkpoint-*.deleting"):  # left by a kill mid-removal
+                shutil.rmtree(stale, ignore_errors=True)
         acc.wait_for_everyone()
         return final
 
@@ -438,6 +591,20 @@ class Trainer:
             acc.print(f"export ({fmt}): {out}")
         if self.stages and self.stages[-1].export:
             self.export_stage(self.stages[-1])
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Renamed away first, then deleted: a kill mid-deletion never leaves a complete-looking half checkpoint."""
+    if path.exists():
+        doomed = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _reduce_logs(pending: dict[str, list[float]]) -> dict[str, float]:
+    """Means since the last log; skip counts are summed."""
+    return {key: sum(vs) if key.endswith("nonfinite_skips") else sum(vs) / len(vs) for key, vs in pending.items()}
 
 
 def _strip_ddp(key: str) -> str:

@@ -230,14 +230,15 @@ def test_multistep_student_exports_the_timesteps_it_was_trained_on(tiny_sd):
     assert sched.timesteps.tolist() == obj.timesteps
 
     # generate() reproduces the training-time rollout exactly: same timesteps, x0 re-noised with fresh noise
-    def rollout_x0(x_T, cond):
-        return obj.student_x0(obj.rollout(x_T, cond, 3, torch.default_generator), 249, cond)
+    def rollout_x0(x_T, cond, gen):
+        return obj.student_x0(obj.rollout(x_T, cond, 3, gen), 249, cond)
 
     _assert_exported_sampling_matches(teacher, student, spec, rollout_x0)
 
 
 def _assert_exported_sampling_matches(teacher, student, spec, student_x0_from_noise):
-    """generate() through the exported pipeline == decoding `student_x0_from_noise(x_T, cond)` for the same noise."""
+    """generate() through the exported pipeline == decoding `student_x0_from_noise(x_T, cond, gen)` for the same
+    noise: image i's generator (seeded with seed i) draws its x_T, then any re-noising between steps."""
     import numpy as np
 
     from stepdistill.export import pipeline_with_unet
@@ -246,12 +247,14 @@ def _assert_exported_sampling_matches(teacher, student, spec, student_x0_from_no
     pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = ["a red circle", "a blue square"], [11, 12]
-    torch.manual_seed(123)  # the re-noising of multistep sampling draws from the global generator
     images = generate(pipe, spec, prompts, seeds)
-    x_T = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
-    torch.manual_seed(123)
     with torch.no_grad():
-        x0 = student_x0_from_noise(x_T, teacher.prompt_encoder(prompts))
+        x0 = []
+        for prompt, seed in zip(prompts, seeds):
+            gen = torch.Generator().manual_seed(seed)
+            x_T = torch.randn((1, 4, 8, 8), generator=gen)
+            x0.append(student_x0_from_noise(x_T, teacher.prompt_encoder([prompt]), gen))
+        x0 = torch.cat(x0)
         decoded = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample
     ours = pipe.image_processor.postprocess(decoded, output_type="np")
     theirs = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
@@ -265,7 +268,7 @@ def test_one_step_student_at_a_lower_conditioning_timestep_samples_there(tiny_sd
     spec = obj.sampling_spec()
     assert spec.timesteps == {1: [699]} and spec.extra["trained_timesteps"] == [699]
     # the exported pipeline feeds pure noise to the student at t = 699 and decodes its x0, as in training
-    _assert_exported_sampling_matches(teacher, student, spec, lambda x_T, cond: obj.student_x0(x_T, 699, cond))
+    _assert_exported_sampling_matches(teacher, student, spec, lambda x_T, cond, gen: obj.student_x0(x_T, 699, cond))
 
 
 @pytest.mark.parametrize("opts,message", [

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stepdistill.config import ModelConfig, StudentConfig, load_config
+from stepdistill.config import ModelConfig, StudentConfig
 from stepdistill.errors import StepdistillError
 from stepdistill.models import build_student, load_teacher
-from stepdistill.objectives import Batch, DistillSetup, get_objective
+from stepdistill.objectives import Batch, DistillSetup, get_objective, load_run_config
 from stepdistill.objectives.progressive import grid_timestep
 
 
@@ -219,7 +219,7 @@ def _config(teacher, out, **overrides):
             "student.lora_rank": 4, "student.lora_alpha": 8, "objective.name": "progressive",
             "objective.options.start_steps": 4, "objective.options.end_steps": 1, "train.lr": 1e-3}
     base.update(overrides)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return load_run_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
 @pytest.mark.parametrize("student_type", ["lora", "full"])

@@ -292,8 +292,8 @@ class Evaluator:
         steps_list = entry.steps or [int(spec.num_inference_steps)]
         guidance = float(spec.guidance_scale if entry.guidance is None else entry.guidance)
         # cached images belong to the weights and the spec that made them: a re-export or retraining invalidates them
-        folders = [os.path.join(entry.path, "export") if os.path.isfile(os.path.join(entry.path, "run.json"))
-                   else entry.path]
+        path = bundled_path(entry.path)
+        folders = [os.path.join(path, "export") if os.path.isfile(os.path.join(path, "run.json")) else path]
         if spec.format == "lora":
             folders.append(bundled_path(entry.base_model or spec.base_model or ""))
         weights = weights_fingerprint(folders) if dist.is_main else None

@@ -53,6 +53,9 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = True):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    previous = final.with_name(f".{final.name}.old")
+    if not final.exists() and previous.is_dir():  # a kill between the two renames below: put the old one back
+        os.replace(previous, final)
     if final.exists() and not overwrite:
         raise StepdistillError(f"'{final}' already exists; pass --overwrite or choose another output folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))

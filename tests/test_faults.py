@@ -266,6 +266,17 @@ def _latest_step(run: Path) -> int:
     return int(ckpts[-1].name.split("-")[1]) if ckpts else 0
 
 
+def _fresh(folder: Path, pattern: str, since: float) -> bool:
+    """A `pattern` entry made since `since` (earlier kills leave their temporary folders behind)."""
+    for p in folder.glob(pattern):
+        try:
+            if p.stat().st_mtime >= since:
+                return True
+        except FileNotFoundError:  # renamed or removed meanwhile
+            pass
+    return False
+
+
 def _wait(proc, condition, timeout: float = 300.0) -> bool:
     """Poll `condition` every few ms until it holds (True) or the process exits (False)."""
     end = time.monotonic() + timeout
@@ -290,14 +301,19 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_sd, tmp_path):
     expected = Trainer(run_config(tiny_sd, tmp_path / "probe"))._checkpoint_files()  # builds, never trains
     run, rng = tmp_path / "run", random.Random(13)
     moments, kills = [], 0
+    training = ["checkpoint", "step", "startup", "checkpoint", "step"]  # in turn; the delays are random
     for launch in range(40):
         start = _latest_step(run)
+        seen = {k for k, _ in moments}
         if launch == 0:
             kind = "sigterm"
         elif start < KILL_STEPS:
-            kind = rng.choice(["startup", "step", "step", "checkpoint", "checkpoint"])
+            kind = training[launch % len(training)]
+        elif kills < 10 or "export" not in seen:  # the finish: final/ (a short window), then the export
+            kind = "export" if launch % 2 or "export" not in seen else "final"
         else:
-            kind = rng.choice(["final", "export", "export"]) if kills < 10 else "none"
+            kind = "none"
+        launched = time.time()
         proc = subprocess.Popen(_train_cmd(tiny_sd, run), env=ENV, cwd=REPO, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         if kind == "startup":  # anywhere from importing to the first steps
@@ -306,12 +322,12 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_sd, tmp_path):
         elif kind in ("step", "sigterm"):  # a random moment after the next checkpoint: mid-step or mid-save
             hit = _wait(proc, lambda: _latest_step(run) > start)
             time.sleep(rng.uniform(0, 0.05 if kind == "sigterm" else 0.3))
-        elif kind == "checkpoint":
-            hit = _wait(proc, lambda: any((run / "checkpoints").glob(".checkpoint-*.tmp")))
+        elif kind == "checkpoint":  # mid-save: the temporary folder this process is writing
+            hit = _wait(proc, lambda: _fresh(run / "checkpoints", ".checkpoint-*.tmp", launched))
         elif kind == "final":
-            hit = _wait(proc, lambda: any(run.glob(".final.*.tmp")))
+            hit = _wait(proc, lambda: _fresh(run, ".final.*.tmp", launched))
         elif kind == "export":  # written after final/
-            hit = _wait(proc, lambda: any(run.glob(".export.*.tmp")))
+            hit = _wait(proc, lambda: _fresh(run, ".export.*.tmp", launched))
         else:
             hit = False
         if hit and kind == "sigterm":
@@ -329,7 +345,7 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_sd, tmp_path):
             out, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err[-3000:]
             assert launch > 0
-            if kills >= 10:
+            if kind == "none":
                 break
             # final/ and export/ are derived from the last checkpoint: drop them to go on killing the finish
             shutil.rmtree(run / "final")
@@ -339,8 +355,22 @@ def test_sigkill_at_random_moments_loses_nothing(tiny_sd, tmp_path):
     else:
         raise AssertionError(f"did not finish: {moments}")
     assert kills >= 10 and moments[0][0] == "sigterm", moments
+    assert {k for k, _ in moments} >= {"step", "export"}, moments
     assert _same(_weights(tmp_path / "ref" / "final" / "student.safetensors"),
                  _weights(run / "final" / "student.safetensors")), moments
     ref_lora = tmp_path / "ref" / "export" / "pytorch_lora_weights.safetensors"
     assert _same(_weights(ref_lora), _weights(run / "export" / "pytorch_lora_weights.safetensors"))
     print(moments)
+
+
+def test_an_export_killed_between_its_two_renames_gets_the_previous_one_back(tmp_path):
+    from stepdistill.utils import atomic_directory
+
+    (tmp_path / ".export.old").mkdir()  # a kill after `export` was moved aside, before the new one took its place
+    (tmp_path / ".export.old" / "weights").write_text("previous")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "export") as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("disk full")
+    assert (tmp_path / "export" / "weights").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

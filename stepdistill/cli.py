@@ -1,4 +1,4 @@
-"""The `stepdistill` command: train, export, sample, evaluate, objectives."""
+"""The `stepdistill` command: train, export, sample, evaluate, benchmark, objectives."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,28 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_benchmark(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .benchmark import markdown, run_benchmark, write_result
+    from .objectives import load_run_config
+
+    cfg = load_run_config(args.config, list(args.overrides))
+    out = Path(args.out or Path("runs") / "benchmark" / cfg.name)
+    from .utils import check_output_dir
+
+    check_output_dir(out, "--out")
+    with tempfile.TemporaryDirectory() as tmp:  # the trainer's run folder: nothing of a benchmark is kept there
+        cfg.train.output_dir, cfg.train.trackers = str(Path(tmp) / "run"), []
+        result = run_benchmark(cfg, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                               teacher_memory=not args.no_teacher_memory, label=args.config)
+    json_path, md_path = write_result(result, out)
+    print(markdown(result))
+    print(f"written: {json_path}, {md_path}")
+    return 0
+
+
 def _cmd_objectives(args) -> int:
     import dataclasses
 
@@ -117,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--out", default="grid.png")
     s.set_defaults(func=_cmd_sample)
+
+    b = sub.add_parser("benchmark", help="time a training step phase by phase: overhead ratio and peak memory")
+    b.add_argument("config", help="YAML config, as for train")
+    b.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    b.add_argument("--steps", type=int, default=5, help="measured steps")
+    b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    b.add_argument("--repeats", type=int, default=3, help="timings of each bare network pass (median)")
+    b.add_argument("--no-teacher-memory", action="store_true", help="skip the teacher-alone memory process")
+    b.add_argument("--out", default=None, help="folder for benchmark.json and benchmark.md "
+                                               "(default: runs/benchmark/NAME)")
+    b.set_defaults(func=_cmd_benchmark)
 
     o = sub.add_parser("objectives", help="list the registered objectives")
     o.add_argument("-v", "--verbose", action="store_true", help="show each objective's options")

@@ -48,6 +48,9 @@ class StudentConfig:
     guidance_embedding_dim: int = 256
     # Small students only: overrides of the teacher UNet's config, e.g. {layers_per_block: 1, mid_block_type: null}
     architecture: dict[str, Any] = field(default_factory=dict)
+    # LoRA students only: the adapter goes on the teacher's own UNet (one copy of the base in memory) or, false,
+    # on a separate copy (more memory; kept for comparisons, e.g. `stepdistill benchmark`)
+    share_base: bool = True
 
 
 @dataclass
@@ -68,6 +71,8 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     max_samples: int | None = None  # cap the dataset (also the size of the procedural shapes world)
+    # encode each distinct caption once and reuse it (memory: distinct captions x tokens x width floats)
+    cache_text_embeddings: bool = False
 
 
 @dataclass
@@ -86,6 +91,11 @@ class TrainConfig:
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # forced to "no" on CPU (bf16 is ~20x slower there)
+    # recompute activations in the backward pass of every trained backbone (student, fake score): less memory,
+    # about one more forward per backward
+    gradient_checkpointing: bool = False
+    # dtype of the trained weights and their AdamW moments; bf16 halves them (a full student's, mostly)
+    master_weights: Literal["fp32", "bf16"] = "fp32"
     ema_decay: float = 0.0  # EMA of the student's trained weights, exported instead of the raw weights; 0 = off
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -140,6 +150,12 @@ class Config:
         if student.guidance_embedding and student.type == "lora":
             raise StepdistillError("config key 'student.guidance_embedding' needs student.type=full or small "
                                    "(a LoRA student cannot add the guidance-embedding layer to the base UNet)")
+        if tc.master_weights == "bf16" and tc.ema_decay > 0:
+            raise StepdistillError("train.master_weights=bf16 cannot keep an EMA (train.ema_decay > 0): bf16 loses "
+                                   "updates smaller than 1/256 of a weight; use train.master_weights=fp32")
+        if not student.share_base and student.type != "lora":
+            raise StepdistillError(f"config key 'student.share_base' applies to LoRA students only (got student.type="
+                                   f"{student.type}); a {student.type} student is always its own network")
         if student.architecture and student.type != "small":
             raise StepdistillError(f"config key 'student.architecture' needs student.type=small (got student.type="
                                    f"{student.type}); a {student.type} student has the teacher's architecture")

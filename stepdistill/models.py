@@ -242,8 +242,9 @@ def build_student(teacher: Teacher, cfg: StudentConfig):
     """The student UNet: a LoRA adapter on the teacher's own UNet (one copy in memory), a full fp32 copy, or a
     smaller fp32 UNet (`small_unet`; its initialisation report is the module's `init_report` attribute)."""
     if cfg.type == "lora":
-        add_lora(teacher.unet, cfg, STUDENT_ADAPTER)
-        return teacher.unet
+        base = teacher.unet if cfg.share_base else copy.deepcopy(teacher.unet)
+        add_lora(base, cfg, STUDENT_ADAPTER)
+        return base
     small = cfg.type == "small"
     unet = small_unet(teacher.unet, cfg.architecture) if small else copy.deepcopy(teacher.unet).float()
     if cfg.guidance_embedding:

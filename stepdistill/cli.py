@@ -16,7 +16,8 @@ def _cmd_train(args) -> int:
     from .trainer import train
 
     config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not os.path.isfile(config):  # `train key=value ...`: no CONFIG
+    if config is not None and not os.path.isfile(config) and ("=" in config or not config.endswith((".yaml", ".yml"))):
+        # `train key=value ...` (or a mistyped `train key`): no CONFIG, so the override check names the problem
         config, overrides = None, [config, *overrides]
     if config is None:  # the bundled default, from any directory
         from .utils import BUNDLED_ROOTS, bundled_path
@@ -106,10 +107,17 @@ def _cmd_objectives(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and exit code 2 like every other bad input (not a usage block)."""
+
+    def error(self, message):
+        raise StepdistillError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="stepdistill", description="Distil a many-step diffusion teacher into a few-step student.")
+    p = _Parser(prog="stepdistill", description="Distil a many-step diffusion teacher into a few-step student.")
     p.add_argument("--version", action="version", version=f"stepdistill {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,7 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except StepdistillError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if not args.verbose:

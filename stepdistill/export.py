@@ -16,7 +16,7 @@ from .checkpoints import list_checkpoints
 from .errors import StepdistillError
 from .models import STUDENT_ADAPTER, Teacher
 from .sampling import LORA_FILE, SPEC_FILE, SamplingSpec, make_scheduler
-from .utils import atomic_directory, atomic_write_json
+from .utils import atomic_directory, atomic_write_json, check_output_dir
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
@@ -70,6 +70,14 @@ def default_format(student_type: str) -> str:
     return "lora" if student_type == "lora" else "full"
 
 
+def check_export_out(out: Path) -> None:
+    """Refuse an export folder that is not ours to replace, or that cannot be written, before anything loads."""
+    if out.exists() and not (out / SPEC_FILE).is_file():  # replacing an export is fine; anything else is not ours
+        raise StepdistillError(f"'{out}' exists and is not a stepdistill export (no {SPEC_FILE}); refusing to "
+                               "replace it: choose another --out or remove it yourself")
+    check_output_dir(out, "--out", replaced=True)
+
+
 def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: str | os.PathLike,
                    student_type: str, name: str = "stepdistill") -> Path:
     import dataclasses
@@ -77,9 +85,7 @@ def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: st
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not (out / SPEC_FILE).is_file():  # replacing an export is fine; anything else is not ours
-        raise StepdistillError(f"'{out}' exists and is not a stepdistill export (no {SPEC_FILE}); refusing to "
-                               "replace it: choose another --out or remove it yourself")
+    check_export_out(out)
     if fmt == "lora" and student_type != "lora":
         raise StepdistillError(f"a {student_type} student cannot be exported as LoRA; use --format full "
                                "(or train with student.type=lora)")
@@ -157,8 +163,15 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.Path
     from .objectives import load_run_config
 
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise StepdistillError(f"run folder '{run_dir}' does not exist; give the train.output_dir of a run")
+    if (run_dir / SPEC_FILE).is_file():
+        raise StepdistillError(f"'{run_dir}' is an export, not a run folder; `stepdistill export` takes the "
+                               "train.output_dir of a run (sample or evaluate an export as it is)")
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "sampling_spec.json").is_file():
-        raise StepdistillError(f"'{run_dir}' is not a stepdistill run folder (no config.yaml / sampling_spec.json)")
+        raise StepdistillError(f"'{run_dir}' is not a stepdistill run folder (no config.yaml / sampling_spec.json); "
+                               "give the train.output_dir of a run")
+    check_export_out(Path(out) if out is not None else run_dir / "export")  # before the teacher loads
     cfg = load_run_config(run_dir / "config.yaml")
     if checkpoint is None:
         weights = run_dir / "final" / "student.safetensors"
@@ -168,9 +181,14 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.Path
                 raise StepdistillError(f"run '{run_dir}' has no final weights and no checkpoint to export")
             weights = ckpts[-1] / "model.safetensors"
     else:
+        if not Path(checkpoint).exists():
+            names = ", ".join(p.name for p in list_checkpoints(run_dir)) or "none"
+            raise StepdistillError(f"--checkpoint '{checkpoint}' does not exist; give a checkpoint folder of the "
+                                   f"run ({run_dir / 'checkpoints'}: {names}) or its model.safetensors")
         weights = Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else Path(checkpoint)
     if not weights.is_file():
-        raise StepdistillError(f"weights '{weights}' not found")
+        raise StepdistillError(f"weights '{weights}' not found; give a checkpoint folder that holds "
+                               "model.safetensors (RUN/checkpoints/checkpoint-N)")
     teacher = load_teacher(cfg.model, device)
     unet = build_student(teacher, cfg.student)
     try:

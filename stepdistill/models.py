@@ -20,7 +20,7 @@ from .config import ModelConfig, StudentConfig
 from .denoiser import Conditioning, Denoiser
 from .errors import StepdistillError
 from .schedule import NoiseSchedule, VPSchedule
-from .utils import BUNDLED_ROOTS, bundled_path, resolve_dtype
+from .utils import BUNDLED_ROOTS, bundled_path, load_error_line, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,9 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
     try:
         pipe = getattr(diffusers, pipeline_class).from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StepdistillError(f"could not load teacher '{cfg.teacher}': {first[:300]}") from None
+        why = load_error_line(err)
+        fix = "; re-download or re-save the teacher" if why.endswith("truncated or corrupt") else ""
+        raise StepdistillError(f"could not load teacher '{cfg.teacher}': {why}{fix}") from None
     components = dict(pipe.components)
     unet = pipe.unet.to(device)
     if pipe.scheduler.config.get("prediction_type", "epsilon") == "flow" or "Flow" in type(pipe.scheduler).__name__:

@@ -18,7 +18,7 @@ import torch
 
 from .errors import StepdistillError
 from .models import read_pipeline_class
-from .utils import bundled_path
+from .utils import bundled_path, load_error_line
 
 SPEC_FILE = "stepdistill.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -101,8 +101,9 @@ def set_timesteps_checked(sched, steps: int) -> None:
     try:
         sched.set_timesteps(steps)
     except ValueError as err:  # e.g. LCMScheduler asked for more steps than its original_inference_steps grid
-        raise StepdistillError(f"{type(sched).__name__} cannot sample in {steps} steps with this config: "
-                               f"{str(err).strip().splitlines()[0][:300]}") from None
+        why = str(err).strip().splitlines()[0][:300].rstrip(".")
+        raise StepdistillError(f"{type(sched).__name__} cannot sample in {steps} steps with this config: {why}; "
+                               "choose another step count") from None
 
 
 def _pipeline_class(folder: str):
@@ -119,12 +120,14 @@ def _from_pretrained(model: str, dtype):
     try:
         return cls.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as err:
-        raise StepdistillError(f"could not load pipeline '{model}': {str(err).strip().splitlines()[0][:300]}") from None
+        raise StepdistillError(f"could not load pipeline '{model}': {load_error_line(err)}; re-download or re-save "
+                               "it") from None
 
 
-def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: str | None = None,
-                  base_model: str | None = None, guidance_scale: float | None = None):
-    """(pipeline, spec) for an export folder, a training run folder, or a plain diffusers pipeline."""
+def resolve_model(model: str) -> tuple[str, "SamplingSpec | None"]:
+    """(folder or hub id, spec) of what `load_pipeline` loads (a run folder means its export; spec None: a plain
+    pipeline), or one line saying why `model` is none of them. Cheap: nothing is loaded, so a caller can check
+    every model before it starts."""
     model = bundled_path(str(model))  # e.g. --teacher assets/shapes-teacher from any directory
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, "run.json")):
         export = os.path.join(model, "export")
@@ -132,11 +135,26 @@ def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: s
             raise StepdistillError(f"run folder '{model}' has no export yet; run `stepdistill export {model}` first")
         model = export
     if os.path.isdir(model) and os.path.isfile(os.path.join(model, SPEC_FILE)):
-        spec = SamplingSpec.read(model)
-    elif os.path.isdir(model) or "/" in model and not model.startswith((".", "/")):
-        spec = None  # a plain pipeline: its own scheduler unless told otherwise
-    else:
-        raise StepdistillError(f"'{model}' is not an export folder, run folder, or diffusers pipeline")
+        return model, SamplingSpec.read(model)
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise StepdistillError(f"'{model}' is not an export folder (no {SPEC_FILE}), a run folder (no run.json) "
+                                   "or a diffusers pipeline folder (no model_index.json); give RUN/export, a run "
+                                   "folder, or a pipeline folder")
+        return model, None  # a plain pipeline: its own scheduler unless told otherwise
+    if os.path.exists(model):
+        raise StepdistillError(f"'{model}' is a file; give an export folder (RUN/export), a run folder, or a "
+                               "diffusers pipeline folder")
+    if "/" in model and not model.startswith((".", "/", "~")) and model.count("/") == 1:
+        return model, None  # a hub id (org/name): a plain pipeline
+    raise StepdistillError(f"'{model}' does not exist; give an export folder (RUN/export), a run folder, or a "
+                           "diffusers pipeline folder or hub id")
+
+
+def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: str | None = None,
+                  base_model: str | None = None, guidance_scale: float | None = None):
+    """(pipeline, spec) for an export folder, a training run folder, or a plain diffusers pipeline."""
+    model, spec = resolve_model(model)
 
     if spec is not None and spec.format == "lora":
         base = base_model or spec.base_model
@@ -146,8 +164,9 @@ def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: s
         try:
             pipe.load_lora_weights(model, weight_name=LORA_FILE, adapter_name="student")
         except Exception as err:  # truncated / corrupt file: safetensors, OSError or peft errors by version
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise StepdistillError(f"LoRA weights '{os.path.join(model, LORA_FILE)}' cannot be loaded ({first}); "
+            path = os.path.join(model, LORA_FILE)
+            why = load_error_line(err, 200).replace(f"'{path}' is truncated", "the file is truncated")
+            raise StepdistillError(f"LoRA weights '{path}' cannot be loaded ({why}); "
                                    "re-export the student") from None
         if spec.lora_scale != 1.0:
             pipe.set_adapters(["student"], [spec.lora_scale])

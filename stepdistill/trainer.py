@@ -28,7 +28,7 @@ from .ema import EMA
 from .errors import StepdistillError, TrainingInterrupted
 from .models import build_student, check_resolution, load_teacher, load_trainable_state_dict, trainable_state_dict
 from .objectives import Batch, DistillSetup, get_objective
-from .utils import atomic_write_json, image_grid, save_image_atomic
+from .utils import atomic_write_json, check_output_dir, image_grid, save_image_atomic
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class Trainer:
                         tc.mixed_precision)
         self.run_dir = Path(tc.output_dir)
         _check_run_folder(self.run_dir, cfg)  # before any rank writes there
+        check_output_dir(self.run_dir, "train.output_dir")  # a file or a read-only folder: before the teacher loads
         self.accelerator = Accelerator(
             mixed_precision=mixed, cpu=cpu, project_dir=str(self.run_dir),
             log_with=list(tc.trackers) or None)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -139,25 +140,88 @@ def image_grid(images, cols: int | None = None):
     return grid
 
 
+def _first_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (what a `mkdir(parents=True)` would create folders in)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _unwritable_folder(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (or in the folders a mkdir would make there), or None."""
+    base = _first_existing(folder)
+    if not base.is_dir():
+        return f"'{base}' is a file, not a folder"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"folder '{base}' is not writable"
+    return None
+
+
+def check_output_dir(path: str | os.PathLike, what: str, replaced: bool = False) -> None:
+    """Refuse, in one line and before any work, an output folder that cannot be created or written: a file is
+    there, a file is where a parent folder should be, or the folder it would go in is not writable. `what` names
+    the setting, e.g. "train.output_dir" or "--out". `replaced`: the folder is written whole beside itself and
+    renamed into place (`atomic_directory`), so its parent must be writable, not the folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StepdistillError(f"{what} '{path}' is a file, not a folder; choose another {what}")
+    why = _unwritable_folder(path if path.is_dir() and not replaced else path.parent)
+    if why:
+        raise StepdistillError(f"{what} '{path}' cannot be written: {why}; choose another {what}")
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output") -> None:
+    """Refuse, in one line, an output file that cannot be written: it is a folder, a parent folder is a file, or
+    the folder it goes in is not writable (a missing parent folder is fine: it is created)."""
+    path = Path(path)
+    if path.is_dir():
+        raise StepdistillError(f"{what} '{path}' is a folder; give a file name such as "
+                               f"'{path / 'grid.png'}'")
+    why = _unwritable_folder(path.parent)
+    if why:
+        raise StepdistillError(f"cannot write {what} '{path}': {why}; choose another path")
+
+
 def image_format(path: str | os.PathLike) -> str:
-    """The PIL format a file name asks for (no suffix: PNG), or one line naming the suffixes PIL can write."""
+    """The PIL format a file name asks for (no suffix: PNG), or one line naming the suffixes PIL can write.
+
+    It also refuses a path that cannot be written (`check_output_file`): `stepdistill sample` calls it before
+    loading the model, so a bad --out stops there, not after sampling."""
     from PIL import Image
 
     suffix = Path(path).suffix.lower()
-    if not suffix:
-        return "PNG"
-    Image.init()
-    fmt = Image.registered_extensions().get(suffix)
-    if fmt is None or fmt not in Image.SAVE:
-        raise StepdistillError(f"cannot write an image as '{path}': unknown image type '{suffix}'; "
-                               "use .png, .jpg or .webp")
+    fmt = "PNG"
+    if suffix:
+        Image.init()
+        fmt = Image.registered_extensions().get(suffix)
+        if fmt is None or fmt not in Image.SAVE:
+            raise StepdistillError(f"cannot write an image as '{path}': unknown image type '{suffix}'; "
+                                   "use .png, .jpg or .webp")
+    check_output_file(path, "image")
     return fmt
 
 
 def save_image_atomic(image, path: str | os.PathLike) -> None:
     path = Path(path)
     fmt = image_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format=fmt)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as err:  # a full disk, a folder made read-only meanwhile: one line, no half-written file
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StepdistillError(f"cannot write image '{path}': {err.strerror or err}; choose another path") from None
+
+
+def load_error_line(err: BaseException, limit: int = 300) -> str:
+    """One line for why diffusers / peft could not load a model: the first line of their message, or, for a weights
+    file that does not parse (a truncated download, a copy cut short), which file."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    bad = re.search(r"Unable to load weights from checkpoint file for '([^']+)'", first)
+    if bad:
+        return f"'{bad.group(1)}' is truncated or corrupt"
+    return first[:limit]

@@ -31,8 +31,8 @@ def run_config(teacher, out, **overrides):
             "train.sample_prompts": ["a small red circle at the center on a black background"],
             "train.export": "none", "data.max_samples": 64, "student.lora_rank": 4, "student.lora_alpha": 8,
             "objective.options.num_ddim_timesteps": 10}
-    base.update(overrides)
-    return load_run_config(None, [f"{k}={v}" for k, v in base.items()])
+    base.update(overrides)  # a value of None drops the key
+    return load_run_config(None, [f"{k}={v}" for k, v in base.items() if v is not None])
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +80,78 @@ def _column(row: dict, column: str, where: str, fallbacks=("text", "caption", "p
                            "set data.caption_column")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise StepdistillError(f"data file '{path}' is not UTF-8 text (byte {err.start} cannot be decoded); give a "
+                               f"text {path.suffix or '.txt'} file") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise StepdistillError(f"{path}:{n} is not valid JSON") from None
+    for n, line in enumerate(_read_text(path).split("\n"), 1):  # not splitlines: JSON may hold a raw U+2028
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StepdistillError(f"{path}:{n} is not valid JSON ({err.msg} at column {err.colno}); every line "
+                                       'must be one JSON object such as {"text": "a caption"}') from None
+            if not isinstance(row, dict):
+                raise StepdistillError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; every line must "
+                                       'be one JSON object such as {"text": "a caption"}')
+            rows.append(row)
     return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows = []
+    try:
+        for row in reader:
+            if None in row or None in row.values():  # more / fewer fields than the header names
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise StepdistillError(
+                    f"{path}:{reader.line_num} has {fields} fields "
+                    f"where the header has {len(reader.fieldnames)} ({', '.join(reader.fieldnames)}); put a field "
+                    'that holds a comma or a line break in double quotes ("a, b"), and close every quote')
+            rows.append(row)
+    except csv.Error as err:
+        raise StepdistillError(f"{path}:{reader.line_num} is not valid CSV ({err}); check its quoting") from None
+    return rows
+
+
+def _image_paths(rows: list[dict], column: str, base: Path, where: str) -> list[Path] | None:
+    """The image of every row when the first row has an `column` column (else None: a prompt file)."""
+    if not rows or column not in rows[0]:
+        return None
+    for n, r in enumerate(rows, 1):
+        if not r.get(column):
+            raise StepdistillError(f"{where}: row {n} has no '{column}' (the first row has one); give every row "
+                                   "an image, or none (a prompt file)")
+    return [base / str(r[column]) for r in rows]
+
+
+def _check_images(ds: "CaptionSource") -> None:
+    """Every listed image file is there and is an image PIL can open (its header is read, not the pixels): a bad
+    one stops the run before anything is written, not at the batch that draws it."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in ds.images:
+        if not isinstance(path, (str, Path)):
+            continue  # decoded already (a `datasets` image column)
+        try:
+            with Image.open(path):
+                pass
+        except FileNotFoundError:
+            raise StepdistillError(f"image '{path}' listed in data source '{ds.name}' does not exist; fix its "
+                                   "file name or remove its line") from None
+        except (UnidentifiedImageError, OSError) as err:
+            reason = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else err
+            raise StepdistillError(f"image '{path}' in data source '{ds.name}' cannot be read ({reason}); replace "
+                                   "it or remove its line") from None
 
 
 def load_source(cfg: DataConfig, needs_images: bool):
@@ -111,24 +172,19 @@ def load_source(cfg: DataConfig, needs_images: bool):
                 raise StepdistillError(f"image folder '{src}' has no metadata.jsonl (one line per image: "
                                        '{"file_name": "a.png", "text": "a caption"})')
             rows = _read_jsonl(meta)
-            for r in rows:
+            for n, r in enumerate(rows, 1):
                 if "file_name" not in r:
-                    raise StepdistillError(f"{meta}: every line needs a 'file_name'")
+                    raise StepdistillError(f"{meta}: line {n} has no 'file_name'; every line needs one, e.g. "
+                                           '{"file_name": "a.png", "text": "a caption"}')
             ds = CaptionSource(src, [_column(r, cfg.caption_column, str(meta)) for r in rows],
                                [path / r["file_name"] for r in rows])
         elif path.suffix == ".txt":
             _must_exist(path)
-            ds = CaptionSource(src, [line.strip() for line in path.read_text().splitlines() if line.strip()])
-        elif path.suffix == ".jsonl":
+            ds = CaptionSource(src, [line.strip() for line in _read_text(path).splitlines() if line.strip()])
+        elif path.suffix in (".jsonl", ".csv"):
             _must_exist(path)
-            rows = _read_jsonl(path)
-            images = [path.parent / r[cfg.image_column] for r in rows] if rows and cfg.image_column in rows[0] else None
-            ds = CaptionSource(src, [_column(r, cfg.caption_column, str(path)) for r in rows], images)
-        elif path.suffix == ".csv":
-            _must_exist(path)
-            with open(path, newline="") as f:
-                rows = list(csv.DictReader(f))
-            images = [path.parent / r[cfg.image_column] for r in rows] if rows and cfg.image_column in rows[0] else None
+            rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+            images = _image_paths(rows, cfg.image_column, path.parent, str(path))
             ds = CaptionSource(src, [_column(r, cfg.caption_column, str(path)) for r in rows], images)
         elif path.suffix or src.startswith((".", "/")):
             raise StepdistillError(f"data source '{src}' not found or of an unknown kind; use 'shapes', an image "
@@ -136,18 +192,21 @@ def load_source(cfg: DataConfig, needs_images: bool):
         else:
             ds = _hf_dataset(cfg)
     if len(ds) == 0:
-        raise StepdistillError(f"data source '{src}' has no samples")
+        raise StepdistillError(f"data source '{src}' has no samples; give a file with at least one prompt "
+                               "(or an image folder with at least one image)")
     if needs_images and not ds.has_images:
         raise StepdistillError(f"this objective trains on images with captions, but data source '{src}' has only "
                                "prompts; use an image folder with metadata.jsonl, a dataset with images, or 'shapes'")
     if cfg.max_samples and len(ds) > cfg.max_samples and isinstance(ds, CaptionSource):
         ds = CaptionSource(ds.name, ds.captions[:cfg.max_samples], ds.images[:cfg.max_samples] if ds.images else None)
+    if needs_images and isinstance(ds, CaptionSource):
+        _check_images(ds)
     return ds
 
 
 def _must_exist(path: Path) -> None:
     if not path.is_file():
-        raise StepdistillError(f"data file '{path}' does not exist")
+        raise StepdistillError(f"data file '{path}' does not exist; check data.source")
 
 
 def _hf_dataset(cfg: DataConfig):

@@ -25,13 +25,16 @@ import sys
 from ..errors import StepdistillError
 
 
-def _steps(text: str) -> list[int]:
+def _steps(text: str | None, option: str = "--steps") -> list[int] | None:
+    """Parsed here, not by argparse: its errors are a usage block, not the one `error:` line of every other."""
+    if text is None or isinstance(text, list):
+        return text
     try:
         out = [int(s) for s in str(text).replace(" ", "").split(",") if s]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"steps must be comma-separated integers like 1,2,4, got '{text}'")
+        out = None
     if not out or any(s < 1 for s in out):
-        raise argparse.ArgumentTypeError(f"steps must be positive integers like 1,2,4, got '{text}'")
+        raise StepdistillError(f"{option} must be comma-separated positive integers like 1,2,4, got '{text}'")
     return out
 
 
@@ -40,14 +43,14 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="export folder (stepdistill.json), training run folder, or plain diffusers pipeline "
                         "(folder or hub id; the teacher baseline)")
     p.add_argument("--label", default=None, help="comma-separated labels for the MODELs (default: folder names)")
-    p.add_argument("--steps", type=_steps, default=None,
+    p.add_argument("--steps", default=None,
                    help="step counts, e.g. 1,2,4 (default: the export's own step count)")
     p.add_argument("--scheduler", default=None,
                    help="scheduler for plain pipelines (ddim, DDIMScheduler, euler, ...); exports carry their own")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the export's)")
     p.add_argument("--base-model", default=None, help="base pipeline for LoRA exports (default: the export's)")
     p.add_argument("--teacher", default=None, help="also evaluate this pipeline (the teacher) for comparison")
-    p.add_argument("--teacher-steps", type=_steps, default=None, help="teacher step counts (default: 25)")
+    p.add_argument("--teacher-steps", default=None, help="teacher step counts (default: 25)")
     p.add_argument("--teacher-scheduler", default="ddim", help="teacher scheduler (default: ddim)")
     p.add_argument("--teacher-guidance", type=float, default=None, help="teacher guidance scale")
     g = p.add_argument_group("prompts")
@@ -135,10 +138,11 @@ def options_from_args(args):
     labels = [s for s in (args.label or "").split(",") if s] if args.label else []
     if labels and len(labels) != len(args.model):
         raise StepdistillError(f"--label has {len(labels)} names for {len(args.model)} models; give one per model")
-    models = [ModelEntry(path=m, label=labels[i] if labels else None, steps=args.steps, scheduler=args.scheduler,
+    steps, teacher_steps = _steps(args.steps), _steps(args.teacher_steps, "--teacher-steps")
+    models = [ModelEntry(path=m, label=labels[i] if labels else None, steps=steps, scheduler=args.scheduler,
                          guidance=args.guidance, base_model=args.base_model) for i, m in enumerate(args.model)]
     if args.teacher:
-        models.append(ModelEntry(path=args.teacher, label="teacher", steps=args.teacher_steps or [25],
+        models.append(ModelEntry(path=args.teacher, label="teacher", steps=teacher_steps or [25],
                                  scheduler=args.teacher_scheduler, guidance=args.teacher_guidance, role="teacher"))
     for name in ("num_images", "batch_size", "eval_batch_size"):
         if getattr(args, name) < 1:

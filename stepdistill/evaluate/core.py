@@ -17,8 +17,8 @@ from PIL import Image
 
 from .. import shapes_eval
 from ..errors import StepdistillError
-from ..sampling import load_pipeline
-from ..utils import bundled_path, quiet_libraries, resolve_dtype
+from ..sampling import load_pipeline, resolve_model
+from ..utils import bundled_path, check_output_dir, quiet_libraries, resolve_dtype
 from . import fid as fidmod
 from .dist import Dist, sharded_map
 from .generate import (_prompts_digest, check_meta, device_name, generate_folder, image_path, measure_speed,
@@ -128,6 +128,9 @@ class Evaluator:
             raise StepdistillError("give at least one MODEL to evaluate")
         if o.num_images < 1:
             raise StepdistillError("--num-images must be at least 1")
+        check_output_dir(self.out, "--out")  # before any model loads
+        for m in o.models:  # a missing or wrong MODEL stops here, before --out is made and metric models load
+            resolve_model(m.path)
         _labels(o.models)
         # COCO annotations: a seeded subset of --num-images images (one caption each) unless --coco-subset says
         pset = load_prompts(o.prompts, column=o.prompt_column, coco_subset_size=o.coco_subset or o.num_images,

@@ -39,13 +39,16 @@ class ConsistencyOptions:
 
     def check(self) -> None:
         if not 1 <= self.num_ddim_timesteps <= 1000:
-            raise StepdistillError("objective.options.num_ddim_timesteps must be in [1, 1000]")
+            raise StepdistillError(f"objective.options.num_ddim_timesteps must be in [1, 1000], got "
+                                   f"{self.num_ddim_timesteps}")
         if not 0 <= self.w_min <= self.w_max:
-            raise StepdistillError("objective.options needs 0 <= w_min <= w_max")
+            raise StepdistillError(f"objective.options needs 0 <= w_min <= w_max, got w_min={self.w_min}, "
+                                   f"w_max={self.w_max}")
         if not 0 <= self.ema_decay < 1:
-            raise StepdistillError("objective.options.ema_decay must be in [0, 1)")
+            raise StepdistillError(f"objective.options.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 1 <= self.num_inference_steps <= self.num_ddim_timesteps:
-            raise StepdistillError("objective.options.num_inference_steps must be in [1, num_ddim_timesteps]")
+            raise StepdistillError(f"objective.options.num_inference_steps must be in [1, num_ddim_timesteps="
+                                   f"{self.num_ddim_timesteps}], got {self.num_inference_steps}")
 
 
 @register

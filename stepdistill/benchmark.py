@@ -213,6 +213,7 @@ class StepProfiler:
             is_backbone = hasattr(getattr(module, "config", None), "in_channels")
             if is_backbone:
                 handle = module.register_forward_pre_hook(self._record_backbone, with_kwargs=True)
+                self._undo.append(("hook", module.register_forward_hook(self._watch_backward)))
             else:  # a head (discriminator): timed and recorded as its own network pass
                 handle = module.register_forward_pre_hook(self._record_head, with_kwargs=True)
                 self._undo.append(("hook", module.register_forward_hook(lambda m, a, o: self.clock.end())))
@@ -245,11 +246,12 @@ class StepProfiler:
         state = _adapter_state(module)
         role = getattr(self._local, "role", "network")
         key = ("backbone", id(module), state, grad, _shape_key(args), _shape_key(kwargs))
-        label = f"{role} forward{' + backward' if grad else ''}"
+        self._local.pass_key = key if self.recording else None
 
         def make_run():
             saved_args, saved_kwargs = _snapshot(args), _snapshot(kwargs)
             adapter = None if not state or state[1] else state[0][0]
+            rec = RecordedPass(f"{role} forward", None)
 
             def run():
                 with adapter_scope(module, adapter) if state else contextlib.nullcontext():
@@ -258,10 +260,31 @@ class StepProfiler:
                         with torch.no_grad():
                             return module(*a, **k)
                     out = _first_tensor(module(*a, **k))
-                    out.backward(torch.ones_like(out))
-            return run
+                    if rec.label.endswith("+ backward"):  # as in the step: backward only where one reached it
+                        out.backward(torch.ones_like(out))
+            rec.run = run
+            return rec
 
-        self._add(key, label, make_run)
+        if self.recording and key not in self.passes:
+            self.passes[key] = make_run()
+        if self.recording:
+            self.passes[key].count += 1
+
+    def _watch_backward(self, module, args, out):
+        """A grad-mode pass is replayed with its backward only if the step's backward reached its output (a pass
+        run in grad mode whose output is then detached costs its forward, and the memory of its activations)."""
+        key, self._local.pass_key = getattr(self._local, "pass_key", None), None
+        if key is None or not torch.is_grad_enabled():
+            return
+        rec, tensor = self.passes[key], _first_tensor(out)
+        if tensor.requires_grad and not rec.label.endswith("+ backward"):
+            def seen(grad, rec=rec):
+                if not rec.label.endswith("+ backward"):
+                    rec.label = rec.label.replace(" (grad, no backward)", "") + " + backward"
+                return grad
+            tensor.register_hook(seen)
+            if "(grad" not in rec.label:
+                rec.label += " (grad, no backward)"
 
     def _record_head(self, module, args, kwargs):
         grad = torch.is_grad_enabled()

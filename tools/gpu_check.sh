@@ -32,5 +32,7 @@ steps=${STEPS:-300}
   $py tools/bench_memory.py --device cuda --batch-size 16 --steps 5
   echo "== speed: student variants (CUDA)"
   $py tools/bench_train.py --batch-size 32 --steps 30 --warmup 5
+  echo "== stepdistill benchmark: phases, overhead ratio, CUDA peak memory (shapes configs, three layouts)"
+  $py tools/benchmark_shapes.py --out "$work/benchmark" --steps 20 --warmup 5
 } 2>&1 | tee "$out/log.txt"
 grep -E "^\| |^== |^wall|^torch|^xformers|TRAIN FAILED|EVALUATE FAILED|^DMD networks|^name|NVIDIA" "$out/log.txt" > "$out/summary.md"

@@ -1,14 +1,15 @@
 """`stepdistill benchmark CONFIG [overrides]`: where a training step's time and memory go.
 
-The trainer is built from the config exactly as `train` builds it; `--warmup` steps run untimed, then `--steps`
-steps run through the trainer's own step (`Trainer._train_step`) with every phase timed: data, text encoding, VAE
+The trainer is built from the config exactly as `train` builds it; `--warmup` steps run untimed, then `--repeats`
+rounds of `--steps` steps run through the trainer's own step (`Trainer._train_step`) with every phase timed: data, text encoding, VAE
 encoding, each network's forward passes (teacher, student, fake score, discriminator, ...), the backward pass and
 the optimizer step of each network update, and the objective's own arithmetic around them. Time is exclusive
 (a phase's time excludes the phases inside it), so the phases and "framework (rest)" add up to the step time.
 
-Then every distinct network pass the measured steps made (same network, adapter, grad mode and input shapes) is
-replayed alone, on a copy of its recorded inputs, `--repeats` times: forward only where the step ran it without
-grad, forward + backward where it ran with grad; the text encoder and VAE calls likewise. The **overhead ratio**
+After each round, every distinct network pass the steps made (same network, adapter, grad mode and input shapes)
+is replayed once alone, on a copy of its recorded inputs: forward only where the step ran it without grad, forward
++ backward where the step's backward reached its output; the text encoder and VAE calls likewise. Steps and
+replays alternate, so both sides of the ratio see the machine in the same state. The **overhead ratio**
 is the measured step time divided by the sum of those bare passes per step: 1.0 means the framework adds nothing
 to the networks' own work. Peak memory: the process's peak RSS on CPU, torch.cuda.max_memory_allocated on GPU,
 beside the teacher's own peak (a fresh process that loads the teacher and runs its guided forward on one batch).
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import threading
@@ -442,17 +442,32 @@ def run_benchmark(cfg, *, warmup: int = 2, steps: int = 5, repeats: int = 3, tea
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(dev)
-        prof.clock.enabled = prof.recording = True
-        total = 0.0
-        for _ in range(steps):
-            prof.clock.sync()
-            t0 = time.perf_counter()
-            trainer._train_step()
-            prof.clock.sync()
-            total += time.perf_counter() - t0
-            trainer.state.step += 1
-        prof.clock.enabled = prof.recording = False
-        peak = peak_memory_mib(dev)
+        # Rounds of `steps` timed steps, each followed by one bare replay of every pass recorded so far: steps and
+        # replays alternate, so a change in the machine's load moves both sides of the ratio alike.
+        total, bare_seconds, measured = 0.0, defaultdict(float), 0
+        replayed: dict[tuple, int] = defaultdict(int)
+        for _ in range(repeats):
+            prof.clock.enabled = prof.recording = True
+            for _ in range(steps):
+                prof.clock.sync()
+                t0 = time.perf_counter()
+                trainer._train_step()
+                prof.clock.sync()
+                total += time.perf_counter() - t0
+                trainer.state.step += 1
+                measured += 1
+            prof.clock.enabled = prof.recording = False
+            peak = peak_memory_mib(dev)  # a process-lifetime peak (RSS) or since the reset (CUDA)
+            for key, rec in list(prof.passes.items()):
+                if not replayed[key]:
+                    rec.run()  # its first run is a warm-up
+                prof.clock.sync()
+                t0 = time.perf_counter()
+                rec.run()
+                prof.clock.sync()
+                bare_seconds[key] += time.perf_counter() - t0
+                replayed[key] += 1
+    steps = measured
     step_ms = total / steps * 1000
 
     phases, accounted = [], 0.0
@@ -467,16 +482,8 @@ def run_benchmark(cfg, *, warmup: int = 2, steps: int = 5, repeats: int = 3, tea
                    "share": rest / step_ms})
 
     bare, bare_total = [], 0.0
-    for rec in prof.passes.values():  # replayed alone, after the measured steps
-        rec.run()  # warm-up
-        times = []
-        for _ in range(repeats):
-            prof.clock.sync()
-            t0 = time.perf_counter()
-            rec.run()
-            prof.clock.sync()
-            times.append(time.perf_counter() - t0)
-        ms_each = statistics.median(times) * 1000
+    for key, rec in prof.passes.items():
+        ms_each = bare_seconds[key] / replayed[key] * 1000  # mean over the rounds
         per_step = ms_each * rec.count / steps
         bare_total += per_step
         bare.append({"pass": rec.label, "calls_per_step": rec.count / steps, "ms_each": ms_each,
@@ -496,7 +503,8 @@ def run_benchmark(cfg, *, warmup: int = 2, steps: int = 5, repeats: int = 3, tea
         settings={"objective": cfg.objective.name, "student": cfg.student.type, "batch_size": tc.batch_size,
                   "resolution": cfg.data.resolution, "gradient_checkpointing": tc.gradient_checkpointing,
                   "cache_text_embeddings": cfg.data.cache_text_embeddings, "master_weights": tc.master_weights,
-                  "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats})
+                  "threads": torch.get_num_threads(), "warmup": warmup, "rounds": repeats,
+                  "steps_per_round": steps // repeats})
     trainer.close()
     return result
 

@@ -151,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("benchmark", help="time a training step phase by phase: overhead ratio and peak memory")
     b.add_argument("config", help="YAML config, as for train")
     b.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    b.add_argument("--steps", type=int, default=5, help="measured steps")
+    b.add_argument("--steps", type=int, default=5, help="measured steps per round")
     b.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    b.add_argument("--repeats", type=int, default=3, help="timings of each bare network pass (median)")
+    b.add_argument("--repeats", type=int, default=3, help="rounds: STEPS steps, then one bare replay of each pass")
     b.add_argument("--no-teacher-memory", action="store_true", help="skip the teacher-alone memory process")
     b.add_argument("--out", default=None, help="folder for benchmark.json and benchmark.md "
                                                "(default: runs/benchmark/NAME)")

@@ -15,7 +15,7 @@ import torch
 from .checkpoints import list_checkpoints
 from .errors import StepdistillError
 from .models import STUDENT_ADAPTER, Teacher
-from .sampling import LORA_FILE, SPEC_FILE, SamplingSpec, make_scheduler
+from .sampling import LORA_FILE, SPEC_FILE, SamplingSpec, make_scheduler, scheduler_timesteps
 from .utils import atomic_directory, atomic_write_json, check_output_dir
 
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -127,6 +127,9 @@ def model_card(spec: SamplingSpec, teacher: Teacher, path: str, name: str) -> st
         load = f'pipe = {pipe_cls}.from_pretrained("{path}")'
         files = "- a complete diffusers pipeline folder with the student UNet and its scheduler\n"
     timesteps = (spec.timesteps or {}).get(steps)
+    call = f"num_inference_steps={steps}"
+    if timesteps and _own_timesteps(spec, steps) != [int(t) for t in timesteps]:
+        call = f"timesteps={[int(t) for t in timesteps]}"  # the scheduler's own grid is not what the student learned
     return f"""---
 library_name: diffusers
 tags: [stepdistill, step-distillation, {spec.objective or 'distillation'}]
@@ -148,10 +151,19 @@ import torch
 from diffusers import {pipe_cls}, {spec.scheduler_class}
 
 {load}
-image = pipe("your prompt", num_inference_steps={steps}, guidance_scale={g}, height={res}, width={res}).images[0]
+generator = torch.Generator("cpu").manual_seed(0)
+image = pipe("your prompt", {call}, guidance_scale={g}, height={res}, width={res}, generator=generator).images[0]
 image.save("sample.png")
 ```
 """
+
+
+def _own_timesteps(spec: SamplingSpec, steps: int) -> list[int] | None:
+    """The timesteps the exported scheduler config picks by itself for `steps` steps (None: it refuses them)."""
+    try:
+        return scheduler_timesteps(spec.scheduler_class, spec.scheduler_config, steps)
+    except StepdistillError:
+        return None
 
 
 def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.PathLike | None = None,

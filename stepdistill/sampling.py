@@ -96,6 +96,27 @@ def scheduler_timesteps(name: str, config: dict, steps: int) -> list[int]:
     return [int(t) for t in sched.timesteps]
 
 
+def lcm_config_for(config: dict, timesteps: list[int]) -> dict | None:
+    """An LCMScheduler config whose own `set_timesteps(len(timesteps))` gives exactly `timesteps`, or None.
+
+    LCMScheduler's grid for n steps is its `original_inference_steps` (O) grid, t = j * (T // O) - 1, sampled at
+    n evenly spaced indices from the top; a student trained at other timesteps (a one-step student at 699) is
+    sampled at 999 by a plain `num_inference_steps=1` unless O puts its timesteps on that grid (O = 700 for 699).
+    With such a config a user's pipeline call needs no `timesteps=` (nor gets diffusers' warning about them)."""
+    T = int(config.get("num_train_timesteps", 1000))
+    top, n = int(timesteps[0]) + 1, len(timesteps)
+    for k in range(1, T + 1):  # the grid's top is O * k - 1 with k = T // O
+        if top % k or T // (top // k) != k:
+            continue
+        candidate = {**config, "original_inference_steps": top // k}
+        try:
+            if scheduler_timesteps("LCMScheduler", candidate, n) == [int(t) for t in timesteps]:
+                return candidate
+        except StepdistillError:
+            continue
+    return None
+
+
 def set_timesteps_checked(sched, steps: int) -> None:
     """`sched.set_timesteps(steps)`, with the scheduler's refusal as one line."""
     try:

@@ -33,7 +33,7 @@ from ..errors import StepdistillError
 from ..losses import (denoising_score_matching, distribution_matching_surrogate, dmd_gradient, gan_discriminator_loss,
                       gan_generator_loss, l2)
 from ..models import STUDENT_ADAPTER, adapter_state_kept, add_lora
-from ..sampling import SamplingSpec
+from ..sampling import SamplingSpec, lcm_config_for
 from .base import Batch, Objective, TrainedNetwork, register
 
 FAKE_ADAPTER = "fake"
@@ -279,6 +279,8 @@ class DistributionMatching(Objective):
         # original_inference_steps = T puts every timestep on its grid; set_timesteps(n) gives the trailing grid.
         config = dict(self.setup.teacher.scheduler_config)
         config.update(original_inference_steps=self.T, timestep_scaling=1000.0)
+        # where it can, the scheduler's own grid is the trained timesteps, so `num_inference_steps=n` alone is right
+        config = lcm_config_for(config, ts) or config
         timesteps = {k: ts[:: n // k] for k in range(1, n + 1) if n % k == 0}
         return SamplingSpec(format="lora" if self.lora else "full", scheduler_class="LCMScheduler",
                             scheduler_config=config, num_inference_steps=n, timesteps=timesteps, guidance_scale=1.0,

@@ -71,6 +71,9 @@ class PhaseClock:
                 self.end()
 
 
+CUT = " (cut short: its time in the step)"
+
+
 @dataclass
 class RecordedPass:
     """One distinct network pass: what to call and a copy of its inputs, for the bare replay."""
@@ -78,6 +81,10 @@ class RecordedPass:
     label: str
     run: object  # a callable taking no arguments that performs the pass (forward, or forward + backward)
     count: int = 0
+    # A pass the objective cut short (DMD2 reads the fake score's mid-block features and stops there): a replay
+    # would run it whole, so it counts at its time inside the step.
+    cut_short: bool = False
+    inloop_seconds: float = 0.0
 
 
 def _shape_key(value) -> tuple:
@@ -130,6 +137,7 @@ class StepProfiler:
         self.recording = False
         self._local = threading.local()
         self._undo: list = []
+        self._hooked: set[int] = set()
 
     # --- labels -------------------------------------------------------------------------------------------
     def _network(self) -> str:
@@ -197,6 +205,7 @@ class StepProfiler:
         original_call = Denoiser.__call__
 
         def denoiser_call(den, x_t, t, cond, w=None):
+            prof._hook(den.unet)  # a network no TrainedNetwork names (an EMA target, a frozen round target)
             role = prof._role(den)
             prof._local.role = role
             grad = " (grad)" if torch.is_grad_enabled() else ""
@@ -210,15 +219,19 @@ class StepProfiler:
         for net in tr.networks.values():
             backbones.setdefault(id(net.module), net.module)
         for module in backbones.values():
-            is_backbone = hasattr(getattr(module, "config", None), "in_channels")
-            if is_backbone:
-                handle = module.register_forward_pre_hook(self._record_backbone, with_kwargs=True)
-                self._undo.append(("hook", module.register_forward_hook(self._watch_backward)))
-            else:  # a head (discriminator): timed and recorded as its own network pass
-                handle = module.register_forward_pre_hook(self._record_head, with_kwargs=True)
-                self._undo.append(("hook", module.register_forward_hook(lambda m, a, o: self.clock.end())))
-            self._undo.append(("hook", handle))
+            self._hook(module)
         return self
+
+    def _hook(self, module) -> None:
+        if id(module) in self._hooked:
+            return
+        self._hooked.add(id(module))
+        if hasattr(getattr(module, "config", None), "in_channels"):  # a backbone
+            self._undo.append(("hook", module.register_forward_pre_hook(self._record_backbone, with_kwargs=True)))
+            self._undo.append(("hook", module.register_forward_hook(self._watch_backward, always_call=True)))
+        else:  # a head (discriminator): timed and recorded as its own network pass
+            self._undo.append(("hook", module.register_forward_pre_hook(self._record_head, with_kwargs=True)))
+            self._undo.append(("hook", module.register_forward_hook(lambda m, a, o: self.clock.end())))
 
     def __exit__(self, *exc):
         for item in reversed(self._undo):
@@ -231,6 +244,7 @@ class StepProfiler:
             else:
                 delattr(obj, attr)
         self._undo.clear()
+        self._hooked.clear()
         return False
 
     # --- recording ------------------------------------------------------------------------------------------
@@ -269,14 +283,26 @@ class StepProfiler:
             self.passes[key] = make_run()
         if self.recording:
             self.passes[key].count += 1
+            self.clock.sync()
+            self._local.pass_start = time.perf_counter()
 
     def _watch_backward(self, module, args, out):
         """A grad-mode pass is replayed with its backward only if the step's backward reached its output (a pass
         run in grad mode whose output is then detached costs its forward, and the memory of its activations)."""
         key, self._local.pass_key = getattr(self._local, "pass_key", None), None
-        if key is None or not torch.is_grad_enabled():
+        if key is None:
             return
-        rec, tensor = self.passes[key], _first_tensor(out)
+        rec = self.passes[key]
+        if out is None:  # the forward raised: cut short (called anyway: always_call)
+            self.clock.sync()
+            rec.cut_short = True
+            rec.inloop_seconds += time.perf_counter() - self._local.pass_start
+            if not rec.label.endswith(CUT):
+                rec.label = rec.label.split(" (grad")[0].split(" + backward")[0] + CUT
+            return
+        if not torch.is_grad_enabled() or rec.cut_short:
+            return
+        tensor = _first_tensor(out)
         if tensor.requires_grad and not rec.label.endswith("+ backward"):
             def seen(grad, rec=rec):
                 if not rec.label.endswith("+ backward"):
@@ -459,6 +485,8 @@ def run_benchmark(cfg, *, warmup: int = 2, steps: int = 5, repeats: int = 3, tea
             prof.clock.enabled = prof.recording = False
             peak = peak_memory_mib(dev)  # a process-lifetime peak (RSS) or since the reset (CUDA)
             for key, rec in list(prof.passes.items()):
+                if rec.cut_short:
+                    continue
                 if not replayed[key]:
                     rec.run()  # its first run is a warm-up
                 prof.clock.sync()
@@ -483,7 +511,7 @@ def run_benchmark(cfg, *, warmup: int = 2, steps: int = 5, repeats: int = 3, tea
 
     bare, bare_total = [], 0.0
     for key, rec in prof.passes.items():
-        ms_each = bare_seconds[key] / replayed[key] * 1000  # mean over the rounds
+        ms_each = (rec.inloop_seconds / rec.count if rec.cut_short else bare_seconds[key] / replayed[key]) * 1000
         per_step = ms_each * rec.count / steps
         bare_total += per_step
         bare.append({"pass": rec.label, "calls_per_step": rec.count / steps, "ms_each": ms_each,

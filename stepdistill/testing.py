@@ -34,8 +34,11 @@ def tiny_unet_config(cross_attention_dim: int = 32, sdxl: bool = False) -> dict:
     return cfg
 
 
-def build_tiny_pipeline(folder: str | Path, *, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Write a tiny random SD (or SDXL) pipeline folder: 32x32 images, 8x8x4 latents."""
+def build_tiny_pipeline(folder: str | Path, *, sdxl: bool = False, prediction_type: str = "epsilon", seed: int = 0,
+                        beta_schedule: str = "scaled_linear") -> Path:
+    """Write a tiny random SD (or SDXL) pipeline folder: 32x32 images, 8x8x4 latents; the DDIM scheduler's
+    `prediction_type` (epsilon / v_prediction / sample) and `beta_schedule` (linear / scaled_linear /
+    squaredcos_cap_v2) as given."""
     from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -49,7 +52,8 @@ def build_tiny_pipeline(folder: str | Path, *, sdxl: bool = False, prediction_ty
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    betas = {"linear": (0.0001, 0.02)}.get(beta_schedule, (0.00085, 0.012))
+    scheduler = DDIMScheduler(beta_start=betas[0], beta_end=betas[1], beta_schedule=beta_schedule, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
                               timestep_spacing="trailing")
     if sdxl:

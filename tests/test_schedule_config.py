@@ -123,7 +123,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_shipped_configs_validate():
-    configs = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+    root = Path(__file__).parent.parent / "configs"
+    configs = sorted(p for p in root.glob("**/*.yaml") if p.parent.name != "accelerate")  # those are accelerate's
     assert configs
     for path in configs:
         load_run_config(path)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def pseudo_huber(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
@@ -36,16 +35,6 @@ def denoising_score_matching(pred_x0: torch.Tensor, x0: torch.Tensor, weight: to
     """Mean x0-space denoising loss, optionally weighted per sample."""
     per = l2(pred_x0, x0)
     return (per * weight).mean() if weight is not None else per.mean()
-
-
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss: softplus(-D(fake))."""
-    return F.softplus(-fake_logits.float()).mean()
-
-
-def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Logistic discriminator loss: softplus(-D(real)) + softplus(D(fake))."""
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
 
 
 # --- distribution matching (DMD, DMD2, VSD / SwiftBrush) -------------------------------------------------------

@@ -143,7 +143,7 @@ def test_fake_score_update_lowers_its_denoising_loss(tiny_sd, name, opts):
 
 
 def test_gan_losses_have_the_right_signs():
-    from stepdistill.losses import gan_discriminator_loss, gan_generator_loss
+    from stepdistill.objectives.gan import gan_discriminator_loss, gan_generator_loss
 
     real, fake = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
     d = gan_discriminator_loss(real, fake)
@@ -181,8 +181,8 @@ def test_discriminator_head_learns_and_generator_gan_gradient_flows(tiny_sd):
 def test_fake_score_update_with_gan_head_matches_hand_written(tiny_sd):
     """DMD2's guidance update: DSM + fake_disc_weight * the discriminator loss, the latter reaching the fake
     UNet's weights through its mid-block features but not the head's, written out with separate forwards."""
-    from stepdistill.losses import gan_discriminator_loss
-    from stepdistill.objectives.dmd import mid_block_features
+    from stepdistill.objectives.gan import gan_discriminator_loss
+    from stepdistill.objectives.gan import mid_block_features
 
     teacher, _, obj = _objective(tiny_sd, "dmd", "lora", gan_weight=0.5, fake_disc_weight=0.3, disc_t_max=0.3)
     batch = _batch(teacher, images=True)

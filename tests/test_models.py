@@ -72,7 +72,7 @@ def test_full_student_is_a_separate_fp32_copy_and_guidance_embedding_starts_as_t
 def test_adapter_scope_matches_peft_switching_and_restores_state(tiny_sd):
     import pytest
 
-    from stepdistill.objectives.dmd import FAKE_ADAPTER, add_fake_adapter
+    from stepdistill.objectives.fake_score import FAKE_ADAPTER, add_fake_adapter
 
     teacher = load_teacher(ModelConfig(teacher=tiny_sd), "cpu")
     unet = build_student(teacher, StudentConfig(type="lora", lora_rank=4))

@@ -20,7 +20,7 @@ from stepdistill.data import image_to_tensor
 from stepdistill.data.shapes import sample
 from stepdistill.denoiser import Conditioning
 from stepdistill.models import load_teacher
-from stepdistill.objectives.dmd import DiscriminatorHead, mid_block_features
+from stepdistill.objectives.gan import DiscriminatorHead, mid_block_features
 from stepdistill.sampling import load_pipeline
 
 

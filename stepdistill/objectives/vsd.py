@@ -21,7 +21,7 @@ import torch
 from ..errors import StepdistillError
 from ..losses import distribution_matching_surrogate, vsd_gradient
 from .base import Batch, register
-from .dmd import DistributionMatching, FakeScoreOptions
+from .fake_score import DistributionMatching, FakeScoreOptions
 
 
 @dataclass

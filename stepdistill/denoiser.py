@@ -34,9 +34,15 @@ class Conditioning:
                        time_ids=None if self.time_ids is None else fn(self.time_ids))
 
     def cat(self, other: "Conditioning") -> "Conditioning":
-        join = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-        return Conditioning(torch.cat([self.embeds, other.embeds]), join(self.pooled, other.pooled),
-                            join(self.time_ids, other.time_ids))
+        return Conditioning.concat([self, other])
+
+    @staticmethod
+    def concat(rows: list["Conditioning"]) -> "Conditioning":
+        """One Conditioning of all rows, in order (one torch.cat per field, not one per row)."""
+        def join(name):
+            return None if getattr(rows[0], name) is None else torch.cat([getattr(r, name) for r in rows])
+
+        return Conditioning(join("embeds"), join("pooled"), join("time_ids"))
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -84,8 +90,8 @@ def _adapter_states(layers) -> list[tuple]:
 
 
 def _set_adapter_states(layers, states) -> None:
-    # Plain instance attributes of peft's layers, written to the instance dict: nn.Module.__setattr__ made a
-    # switch over the shapes UNet's 128 LoRA layers cost about 2 ms.
+    # Plain instance attributes of peft's layers, written to the instance dict: nn.Module.__setattr__'s checks,
+    # over every LoRA layer at every switch, were most of what a switch cost.
     for layer, (active, disabled) in zip(layers, states):
         attrs = vars(layer)
         attrs["_active_adapter"], attrs["_disable_adapters"] = active, disabled
@@ -119,8 +125,8 @@ def enable_gradient_checkpointing(unet) -> None:
 
 
 def _tuner_layers(unet) -> list:
-    """The LoRA layers of `unet`, found once per set of adapters: walking every module cost about 6 ms per
-    adapter switch on the shapes UNet (`stepdistill benchmark`), and a DMD step switches about ten times."""
+    """The LoRA layers of `unet`, found once per set of adapters: walking every module at every adapter switch
+    cost more than the switch itself, and a DMD step switches about ten times."""
     if not getattr(unet, "_hf_peft_config_loaded", False):
         return []
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -23,7 +23,7 @@ import torch
 from .checkpoints import list_checkpoints, resolve_resume
 from .config import Config, save_config, to_dict
 from .data import BatchStream, image_to_tensor, load_source
-from .denoiser import enable_gradient_checkpointing
+from .denoiser import Conditioning, enable_gradient_checkpointing
 from .ema import EMA
 from .errors import StepdistillError, TrainingInterrupted
 from .models import build_student, check_resolution, load_teacher, load_trainable_state_dict, trainable_state_dict
@@ -218,11 +218,7 @@ class Trainer:
         cache = self._text_cache
         for prompt in dict.fromkeys(p for p in prompts if p not in cache):
             cache[prompt] = self.teacher.prompt_encoder([prompt], self.cfg.data.resolution)
-        rows = [cache[p] for p in prompts]
-        out = rows[0]
-        for row in rows[1:]:
-            out = out.cat(row)
-        return out
+        return Conditioning.concat([cache[p] for p in prompts])
 
     def _generator(self, step: int, network_index: int, micro: int) -> torch.Generator:
         seed = (((self.cfg.train.seed * 1_000_003 + step) * 31 + network_index) * 131 + micro) * 4099 + self.accelerator.process_index

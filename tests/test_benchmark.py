@@ -1,6 +1,7 @@
 """`stepdistill benchmark` and the memory options it reports on (issue 13, item 2)."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -21,6 +22,16 @@ def _trained(trainer) -> dict[str, torch.Tensor]:
     return {f"{name}/{i}": p.detach().clone() for name, ps in trainer.params.items() for i, p in enumerate(ps)}
 
 
+def _steps_then_weights(trainer, steps: int) -> dict[str, torch.Tensor]:
+    """`steps` training steps, then the trained weights; the trainer is closed."""
+    for _ in range(steps):
+        trainer._train_step()
+        trainer.state.step += 1
+    weights = _trained(trainer)
+    trainer.close()
+    return weights
+
+
 def test_profiled_steps_compute_what_unprofiled_steps_compute(tiny_sd, tmp_path):
     """The profiler only times: after the same steps, every trained weight is bitwise what an unprofiled run has."""
     from stepdistill.benchmark import StepProfiler
@@ -28,25 +39,12 @@ def test_profiled_steps_compute_what_unprofiled_steps_compute(tiny_sd, tmp_path)
 
     def run(profiled: bool, out):
         trainer = Trainer(_dmd_config(tiny_sd, out))
-        with StepProfiler(trainer) if profiled else _null():
-            for _ in range(3):
-                trainer._train_step()
-                trainer.state.step += 1
-        weights = _trained(trainer)
-        trainer.close()
-        return weights
+        with StepProfiler(trainer) if profiled else contextlib.nullcontext():
+            return _steps_then_weights(trainer, 3)
 
     plain, profiled = run(False, tmp_path / "a"), run(True, tmp_path / "b")
     assert plain.keys() == profiled.keys()
     assert all(torch.equal(plain[k], profiled[k]) for k in plain)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_benchmark_accounts_for_every_pass_of_a_dmd2_step(tiny_sd, tmp_path):
@@ -128,12 +126,7 @@ def test_gradient_checkpointing_option_trains_the_same_as_without(tiny_sd, tmp_p
     def run(flag: bool):
         trainer = Trainer(run_config(tiny_sd, tmp_path / str(flag), **{"train.gradient_checkpointing": flag}))
         assert trainer.student.is_gradient_checkpointing == flag
-        for _ in range(2):
-            trainer._train_step()
-            trainer.state.step += 1
-        weights = _trained(trainer)
-        trainer.close()
-        return weights
+        return _steps_then_weights(trainer, 2)
 
     a, b = run(False), run(True)
     for k in a:

@@ -100,7 +100,9 @@ def _cmd_objectives(args) -> int:
 
     for name, cls in sorted(REGISTRY.items()):
         print(f"{name:14s} {getattr(cls, 'summary', '')}")
-        if args.verbose:
+        if args.verbose and getattr(cls, "usage", None):
+            print("\n".join("    " + line for line in cls.usage.splitlines()))
+        elif args.verbose:
             for f in dataclasses.fields(cls.Options):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 print(f"    {f.name} = {default!r}")

@@ -184,6 +184,67 @@ class Denoiser:
         return x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u)
 
 
+    # --- feature taps (discriminator heads read intermediate activations) --------------------------------
+    def features(self, x_t, t, cond: Conditioning, taps: list[str]) -> list[torch.Tensor]:
+        """The outputs of the modules named in `taps` (e.g. "mid_block", "down_blocks.1"), in that order, fp32.
+
+        The network stops as soon as the last of them has run, so a tap of a UNet's encoder half never runs its
+        decoder. Gradients flow to `x_t` and to whatever requires grad in the network (freeze what should not
+        learn, `gan.frozen`)."""
+        with recording_features(self.unet, taps, stop=True) as found:
+            try:
+                self(x_t, t, cond)
+            except _TapsComplete:
+                pass
+        missing = [name for name, value in zip(taps, found) if value is None]
+        if missing:
+            raise ValueError(f"feature taps {missing} never ran in {type(self.unet).__name__}")
+        return found
+
+
+class _TapsComplete(Exception):
+    """Raised by the last tap's hook: the rest of the network is not needed."""
+
+
+@contextlib.contextmanager
+def recording_features(module, taps: list[str], stop: bool = False):
+    """Records, in a list ordered like `taps`, the output of each named submodule of `module` at its last forward
+    inside (a tuple output's first element: UNet down blocks return (hidden states, skip connections)). With
+    `stop`, the forward pass is cut short (raises _TapsComplete) once every tap has run."""
+    found: list = [None] * len(taps)
+    seen: set[int] = set()
+
+    def hook_for(i):
+        def hook(_, args, output):
+            found[i] = (output[0] if isinstance(output, tuple) else output).float()
+            seen.add(i)
+            if stop and len(seen) == len(taps):
+                raise _TapsComplete
+        return hook
+
+    try:
+        handles = [module.get_submodule(name).register_forward_hook(hook_for(i)) for i, name in enumerate(taps)]
+    except AttributeError as err:
+        raise ValueError(f"no feature tap {err} in {type(module).__name__}") from None
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def default_feature_taps(net) -> list[str]:
+    """Where a discriminator reads a backbone by default: a UNet's every down block and its mid block (LADD reads
+    several depths of the frozen teacher); a transformer's blocks."""
+    if hasattr(net, "down_blocks") and hasattr(net, "mid_block"):
+        return [f"down_blocks.{i}" for i in range(len(net.down_blocks))] + ["mid_block"]
+    blocks = getattr(net, "transformer_blocks", None)
+    if blocks is not None:
+        n = len(blocks)
+        return [f"transformer_blocks.{i}" for i in sorted({n // 4, n // 2, 3 * n // 4, n - 1})]
+    raise ValueError(f"no default feature taps for {type(net).__name__}; name them (e.g. objective.options.taps)")
+
+
 def _cast(value, dtype):
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         return value.to(dtype)

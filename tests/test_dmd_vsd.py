@@ -182,8 +182,7 @@ def test_fake_score_update_with_gan_head_matches_hand_written(tiny_sd):
     """DMD2's guidance update: DSM + fake_disc_weight * the discriminator loss, the latter reaching the fake
     UNet's weights through its mid-block features but not the head's, written out with separate forwards."""
     from stepdistill.objectives.gan import gan_discriminator_loss
-    from stepdistill.objectives.gan import mid_block_features
-
+    
     teacher, _, obj = _objective(tiny_sd, "dmd", "lora", gan_weight=0.5, fake_disc_weight=0.3, disc_t_max=0.3)
     batch = _batch(teacher, images=True)
     out = obj.losses("fake", batch, torch.Generator().manual_seed(5))
@@ -201,7 +200,7 @@ def test_fake_score_update_with_gan_head_matches_hand_written(tiny_sd):
     fake = _raw_unet(teacher.unet, "fake")
     dsm = ((fake(noised(x0, eps, t), t, batch.cond.embeds) - eps) ** 2).mean()
     x_d = noised(torch.cat([batch.latents, x0]), noise_d, t_d)
-    feats = mid_block_features(obj.fake, x_d, t_d, batch.cond.cat(batch.cond))
+    feats = obj.fake.features(x_d, t_d, batch.cond.cat(batch.cond), ["mid_block"])[0]
     real_logits, fake_logits = obj.disc(feats).chunk(2)
     cls = gan_discriminator_loss(real_logits, fake_logits)
     expected = dsm + 0.3 * cls

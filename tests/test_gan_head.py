@@ -87,8 +87,7 @@ def test_dmd2_head_learns_in_the_trainer_loop(tmp_path):
     from PIL import Image
 
     from stepdistill.objectives import load_run_config
-    from stepdistill.objectives.gan import mid_block_features
-    from stepdistill.trainer import Trainer
+        from stepdistill.trainer import Trainer
 
     data = tmp_path / "white"
     data.mkdir()
@@ -112,7 +111,7 @@ def test_dmd2_head_learns_in_the_trainer_loop(tmp_path):
         x0 = torch.cat([batch.latents, fake])
         t = torch.randint(20, 201, (len(fake),), generator=gen).repeat(2)
         x_t = obj.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
-        real_logits, fake_logits = obj.disc(mid_block_features(obj.fake, x_t, t, batch.cond.cat(batch.cond))).chunk(2)
+        real_logits, fake_logits = obj.disc(obj.fake.features(x_t, t, batch.cond.cat(batch.cond), ["mid_block"])[0]).chunk(2)
     acc = 0.5 * float((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
     trainer.close()
     assert acc > 0.95, (acc, float(real_logits.mean()), float(fake_logits.mean()))

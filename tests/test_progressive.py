@@ -111,7 +111,7 @@ def test_round_loss_and_gradients_match_hand_written(tiny_sd, tiny_sd_v, predict
     k = torch.randint(1, 5, (4,), generator=gen)
     noise = torch.randn(batch.latents.shape, generator=gen)
     k[0] = 1  # the last student step lands on the clean end (t = -1: alpha 1, sigma 0)
-    ours = obj.round_loss(batch, batch.latents, noise, k, None)["loss"]
+    ours = obj.round_loss(obj.student_at(batch, noise, k, None), batch)["loss"]
     ours.backward()
     g_ours = _grads(student)
     student.zero_grad(set_to_none=True)
@@ -128,7 +128,7 @@ def test_round_loss_and_gradients_match_hand_written(tiny_sd, tiny_sd_v, predict
     k, noise = torch.randint(1, 5, (4,), generator=gen), torch.randn(batch.latents.shape, generator=gen)
     with torch.no_grad():
         replay = obj.losses("student", batch, torch.Generator().manual_seed(6))["loss"]
-        assert torch.equal(replay, obj.round_loss(batch, batch.latents, noise, k, None)["loss"])
+        assert torch.equal(replay, obj.round_loss(obj.student_at(batch, noise, k, None), batch)["loss"])
 
 
 def test_later_round_target_is_the_previous_student_and_the_teacher_is_not_called(tiny_sd):

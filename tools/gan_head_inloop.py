@@ -20,7 +20,6 @@ import torch
 
 import stepdistill.objectives.dmd as dmd
 from stepdistill.objectives import load_run_config
-from stepdistill.objectives.gan import mid_block_features
 from stepdistill.trainer import Trainer
 
 
@@ -46,7 +45,7 @@ def accuracy(trainer, lo: int, hi: int) -> tuple[float, float, float]:
         x0 = torch.cat([batch.latents, fake])
         t = torch.randint(lo, hi + 1, (len(fake),), generator=gen).repeat(2)
         x_t = obj.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen), t)
-        real, fake_logits = obj.disc(mid_block_features(obj.fake, x_t, t, batch.cond.cat(batch.cond))).chunk(2)
+        real, fake_logits = obj.disc(obj.fake.features(x_t, t, batch.cond.cat(batch.cond), ["mid_block"])[0]).chunk(2)
     acc = 0.5 * float((real > 0).float().mean() + (fake_logits < 0).float().mean())
     return acc, float(real.mean()), float(fake_logits.mean())
 

@@ -20,7 +20,7 @@ from stepdistill.data import image_to_tensor
 from stepdistill.data.shapes import sample
 from stepdistill.denoiser import Conditioning
 from stepdistill.models import load_teacher
-from stepdistill.objectives.gan import DiscriminatorHead, mid_block_features
+from stepdistill.objectives.gan import DiscriminatorHead
 from stepdistill.sampling import load_pipeline
 
 
@@ -76,7 +76,7 @@ def main(argv=None):
             tt = torch.randint(int(lo), int(hi or lo) + 1, (a.n,)).repeat(2)  # one t per (real, fake) pair
             scale = lambda v: v[tt].float().view(-1, 1, 1, 1)  # noqa: E731
             x_t = scale(ac).sqrt() * x0 + scale(1 - ac).sqrt() * torch.randn(x0.shape)
-            feats = torch.cat([mid_block_features(den, x_t[i:i + 256], tt[i:i + 256], Conditioning(embeds[i:i + 256]))
+            feats = torch.cat([den.features(x_t[i:i + 256], tt[i:i + 256], Conditioning(embeds[i:i + 256]), ["mid_block"])[0]
                                for i in range(0, len(x0), 256)])
         head = DiscriminatorHead(feats.shape[1])
         opt = torch.optim.AdamW(head.parameters(), lr=1e-3)

@@ -1,8 +1,8 @@
 """Distillation objectives, registered by name (`stepdistill objectives` lists them)."""
-from .base import (REGISTRY, Batch, DistillSetup, Objective, Stage, TrainedNetwork, check_objective_options,
+from .base import (REGISTRY, Batch, DistillSetup, Objective, Stage, StudentSample, TrainedNetwork, check_objective_options,
                    get_objective, load_run_config, register)
 from . import consistency  # noqa: F401  (registers)
-from . import dmd, progressive, vsd  # noqa: F401  (register)
+from . import adversarial, compose, dmd, progressive, vsd  # noqa: F401  (register)
 
-__all__ = ["REGISTRY", "Batch", "DistillSetup", "Objective", "Stage", "TrainedNetwork", "check_objective_options",
+__all__ = ["REGISTRY", "Batch", "DistillSetup", "Objective", "Stage", "StudentSample", "TrainedNetwork", "check_objective_options",
            "get_objective", "load_run_config", "register"]

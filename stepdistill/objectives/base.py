@@ -6,7 +6,7 @@ named losses for a batch, and knows how its student must be sampled. The math li
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -26,6 +26,16 @@ class Batch:
     cond: "Conditioning"
     uncond: "Conditioning"  # empty-prompt conditioning, one row per sample
     latents: torch.Tensor | None = None  # scaled VAE latents of real images (image-caption data only)
+
+
+@dataclass
+class StudentSample:
+    """A student output that terms judge: x0 (with grad in the student's update), plus what the objective that drew
+    it needs to score it (consistency: x_t, t and the guidance weight). In a composition it is drawn once per update
+    and handed to every term."""
+
+    x0: torch.Tensor
+    context: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -96,8 +106,25 @@ class Objective:
 
     # --- the math --------------------------------------------------------------------------------------
     def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """Named losses for updating `network`; "loss" is the one that is backpropagated."""
+        """Named losses for updating `network`; "loss" is the one that is backpropagated. The student's are those
+        of one drawn sample; other networks are the objective's own."""
+        if network == "student":
+            return self.student_losses(self.draw_student(batch, gen, train=True), batch, gen)
         raise NotImplementedError
+
+    # --- the student's update, split so that terms of a composition share one draw ------------------------------
+    def draw_student(self, batch: Batch, gen: torch.Generator, train: bool) -> StudentSample:
+        """A student sample for this batch (with grad when `train`): what this objective's student loss scores."""
+        raise NotImplementedError
+
+    def student_losses(self, sample: StudentSample, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """The student's named losses ("loss" backpropagated) for a sample drawn by `draw_student`; an objective
+        that reads only `sample.x0` can score another objective's sample (it composes as a second term)."""
+        raise NotImplementedError
+
+    # Whether student_losses needs the sample's context from this objective's own draw_student (then it must be
+    # the first term of a composition, the one that draws).
+    needs_own_sample: ClassVar[bool] = False
 
     def after_update(self, network: str) -> None:
         """Called after each optimizer step of `network` (e.g. to move an EMA target)."""

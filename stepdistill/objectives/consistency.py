@@ -22,7 +22,7 @@ from ..errors import StepdistillError
 from ..losses import consistency_boundary_scalings, distance
 from ..models import STUDENT_ADAPTER
 from ..sampling import SamplingSpec, scheduler_timesteps
-from .base import Batch, Objective, TrainedNetwork, register
+from .base import Batch, Objective, StudentSample, TrainedNetwork, register
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Consistency(Objective):
     name = "consistency"
     Options = ConsistencyOptions
     needs_images = True
+    needs_own_sample = True
     summary = "LCM / LCM-LoRA: map points of the teacher's CFG PF-ODE to its origin (skip-step DDIM solver)"
 
     def __init__(self, setup, options: ConsistencyOptions):
@@ -68,6 +69,7 @@ class Consistency(Objective):
         lora = setup.student_type == "lora"
         adapter = STUDENT_ADAPTER if lora else None
         self.student = Denoiser(setup.student, teacher.schedule, adapter=adapter)
+        self.student_eval = Denoiser(setup.student, teacher.schedule, adapter=adapter)  # never the DDP wrapper
         # LCM-LoRA uses the student itself as target; full students use an EMA copy (LCM).
         self.ema = None if lora else EMA(setup.student, options.ema_decay)
         self.target = Denoiser(setup.student if lora else self.ema.shadow, teacher.schedule, adapter=adapter)
@@ -84,20 +86,26 @@ class Consistency(Objective):
         x0, _ = den.x0_eps(x_t, t, cond, w)
         return c_skip * x_t + c_out * x0
 
-    def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def draw_student(self, batch: Batch, gen: torch.Generator, train: bool) -> StudentSample:
+        """f_student(x_t, t) at a random grid point t of noised real latents: the student's x0 estimate."""
         o, x0 = self.opt, batch.latents
         b, dev = x0.shape[0], x0.device
         t = self.grid[torch.randint(0, len(self.grid), (b,), generator=gen, device=dev)]
-        t_prev = (t - self.step_ratio).clamp(min=0)
         x_t = self.teacher.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t)
         w = o.w_min + (o.w_max - o.w_min) * torch.rand(b, generator=gen, device=dev)
+        with torch.set_grad_enabled(train):
+            pred = self.consistency_fn(self.student if train else self.student_eval, x_t, t, batch.cond, w)
+        return StudentSample(pred, {"x_t": x_t, "t": t, "w": w})
 
-        pred = self.consistency_fn(self.student, x_t, t, batch.cond, w)
+    def student_losses(self, sample: StudentSample, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """d(f_student(x_t, t), sg f_target(DDIM_teacher(x_t, t -> t - k), t - k))."""
+        x_t, t, w = (sample.context[k] for k in ("x_t", "t", "w"))
+        t_prev = (t - self.step_ratio).clamp(min=0)
         with torch.no_grad():
             x0_t, eps_t = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, 1.0 + w)
             x_prev = self.teacher.schedule.ddim_step(x0_t, eps_t, t_prev)
             target = self.consistency_fn(self.target, x_prev, t_prev, batch.cond, w)
-        loss = distance(pred, target, o.loss, o.huber_c).mean()
+        loss = distance(sample.x0, target, self.opt.loss, self.opt.huber_c).mean()
         return {"loss": loss}
 
     def after_update(self, network):

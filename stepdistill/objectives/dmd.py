@@ -28,9 +28,11 @@ import torch
 from ..errors import StepdistillError
 from ..losses import distribution_matching_surrogate, dmd_gradient, l2
 from .base import Batch, TrainedNetwork, register
-from .fake_score import DistributionMatching, FakeScoreOptions, trailing_timesteps
-from .gan import (DiscriminatorHead, frozen, gan_discriminator_loss, gan_generator_loss, mid_block_features,
-                  recording_mid_block)
+from .fake_score import DistributionMatching, FakeScoreOptions
+from ..denoiser import recording_features
+from .gan import DiscriminatorHead, frozen, gan_discriminator_loss, gan_generator_loss
+
+MID = ["mid_block"]  # DMD2's head reads the fake score's mid-block features
 
 
 # --- DMD / DMD2 --------------------------------------------------------------------------------------------------
@@ -106,8 +108,10 @@ class DMD(DistributionMatching):
             return self.fake_loss(batch, gen)
         if network == "disc":
             return self.disc_loss(batch, gen)
-        x0 = self.student_sample(batch, gen, train=True)
-        return self.generator_losses(x0, batch, gen)
+        return super().losses(network, batch, gen)
+
+    def student_losses(self, sample, batch, gen):
+        return self.generator_losses(sample.x0, batch, gen)
 
     def generator_losses(self, x0: torch.Tensor, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The generator's losses for student samples x0 (a function of x0 alone, so tests can check d/dx0)."""
@@ -124,8 +128,8 @@ class DMD(DistributionMatching):
         if self.disc is not None:
             t_d = self.sample_t(b, gen, dev, o.disc_t_max)
             x_d = self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t_d)
-            with frozen(list(self.disc.parameters())):  # only x0 gets gradients
-                logits = self.disc(mid_block_features(self.fake, x_d, t_d, batch.cond, self.fake_params))
+            with frozen(list(self.disc.parameters()) + list(self.fake_params)):  # only x0 gets gradients
+                logits = self.disc(self.fake.features(x_d, t_d, batch.cond, MID)[0])
             out["gan_loss"] = gan_generator_loss(logits)
             loss = loss + o.gan_weight * out["gan_loss"]
         if o.regression_weight > 0:
@@ -143,9 +147,9 @@ class DMD(DistributionMatching):
 
     def disc_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The discriminator head on the fake UNet's mid-block features of noised real images vs student samples."""
-        x_t, t = self.disc_inputs(batch, self.student_sample(batch, gen, train=False), gen)
+        x_t, t = self.disc_inputs(batch, self.sampler.draw_student(batch, gen, train=False).x0, gen)
         with torch.no_grad():
-            feats = mid_block_features(self.fake, x_t, t, batch.cond.cat(batch.cond))
+            feats = self.fake.features(x_t, t, batch.cond.cat(batch.cond), MID)[0]
         real_logits, fake_logits = self.disc_train(feats).chunk(2)
         return {"loss": gan_discriminator_loss(real_logits, fake_logits),
                 "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
@@ -159,9 +163,9 @@ class DMD(DistributionMatching):
         x_d, t_d = self.disc_inputs(batch, x0, gen)
         x_all = torch.cat([self.schedule.add_noise(x0, eps, t), x_d])
         cond = batch.cond.cat(batch.cond).cat(batch.cond)
-        with recording_mid_block(self.fake.unet) as mid, frozen(list(self.disc.parameters())):
+        with recording_features(self.fake.unet, MID) as mid, frozen(list(self.disc.parameters())):
             x0_pred, eps_pred = self.fake_train.x0_eps(x_all, torch.cat([t, t_d]), cond)
-            real_logits, fake_logits = self.disc(mid[-1][b:].float()).chunk(2)
+            real_logits, fake_logits = self.disc(mid[0][b:]).chunk(2)
         dsm = self.score_matching_loss(x0_pred[:b], eps_pred[:b], x0, eps)
         cls = gan_discriminator_loss(real_logits, fake_logits)
         return {"loss": dsm + self.opt.fake_disc_weight * cls, "dsm_loss": dsm, "cls_loss": cls}
@@ -170,12 +174,6 @@ class DMD(DistributionMatching):
         """DMD1's regression term: the one-step student from noise z vs the CFG teacher's DDIM solution from z."""
         b, dev = len(batch.cond), batch.cond.embeds.device
         z = torch.randn((b, *self.latent_shape), generator=gen, device=dev)
-        with torch.no_grad():
-            x = z
-            ts = trailing_timesteps(self.T, self.opt.regression_steps)
-            for j, t in enumerate(ts):
-                x0, eps = self.teacher.guided_x0_eps(x, self._t(t, b, dev), batch.cond, batch.uncond,
-                                                     self.opt.guidance_scale)
-                x = x0 if j == len(ts) - 1 else self.schedule.ddim_step(x0, eps, self._t(ts[j + 1], b, dev))
+        x = self.teacher_ode(z, batch, self.opt.regression_steps, self.opt.guidance_scale)
         pred = self.student_x0(z, self.timesteps[0], batch.cond, train=True)
         return l2(pred, x).mean()

@@ -1,8 +1,11 @@
-"""GAN pieces shared by every objective with a discriminator (DMD2's head today; the adversarial objective next):
-losses, discriminator heads, and the feature taps they read.
+"""GAN pieces shared by every objective with a discriminator (DMD2's head, the adversarial objective): losses,
+penalties, and discriminator heads. The features the heads read come from the backbone wrapper's taps
+(`Denoiser.features`), so a head works on any backbone.
 
-    L_D = softplus(-D(real)) + softplus(D(fake))        (logistic)
-    L_G = softplus(-D(fake))                             (non-saturating)
+    non-saturating:  L_D = softplus(-D(real)) + softplus(D(fake)),   L_G = softplus(-D(fake))
+    hinge:           L_D = relu(1 - D(real)) + relu(1 + D(fake)),     L_G = -D(fake)
+    R1:              gamma / 2 * E ||grad_f D(f)||^2 at real inputs f
+    approximate R1:  E (D(f) - D(f + s n))^2, n ~ N(0, I)   (LADD: no second-order gradient)
 """
 from __future__ import annotations
 
@@ -11,18 +14,35 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..denoiser import Denoiser
-from ..errors import StepdistillError
+GAN_LOSSES = ("non_saturating", "hinge")
 
 
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss: softplus(-D(fake))."""
+def gan_generator_loss(fake_logits: torch.Tensor, kind: str = "non_saturating") -> torch.Tensor:
+    """The generator's loss on D(fake): softplus(-D) (non-saturating) or -D (hinge)."""
+    if kind == "hinge":
+        return -fake_logits.float().mean()
     return F.softplus(-fake_logits.float()).mean()
 
 
-def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Logistic discriminator loss: softplus(-D(real)) + softplus(D(fake))."""
-    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                           kind: str = "non_saturating") -> torch.Tensor:
+    """The discriminator's loss: softplus(-D(real)) + softplus(D(fake)), or relu(1 - D(real)) + relu(1 + D(fake))."""
+    real, fake = real_logits.float(), fake_logits.float()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """E ||d D / d inputs||^2 over the batch (summed over every input tensor); `inputs` must require grad and
+    `real_logits` be computed from them. The graph is kept so the penalty itself can be backpropagated."""
+    grads = torch.autograd.grad(real_logits.float().sum(), inputs, create_graph=True)
+    return sum(g.float().pow(2).flatten(1).sum(1) for g in grads).mean()
+
+
+def approximate_r1_penalty(real_logits: torch.Tensor, perturbed_logits: torch.Tensor) -> torch.Tensor:
+    """LADD's stand-in for R1: E (D(f) - D(f + s n))^2, the logits' change under a small input perturbation."""
+    return (real_logits.float() - perturbed_logits.float()).pow(2).mean()
 
 
 @contextlib.contextmanager
@@ -38,40 +58,6 @@ def frozen(params):
             p.requires_grad_(flag)
 
 
-class _MidBlockOutput(Exception):
-    def __init__(self, features):
-        self.features = features
-
-
-def mid_block_features(den: Denoiser, x_t, t, cond, frozen_params=()) -> torch.Tensor:
-    """The UNet's mid-block output, via a forward hook; the up-blocks are never run. `frozen_params` get no
-    gradient."""
-
-    def hook(module, args, output):
-        raise _MidBlockOutput(output)
-
-    handle = den.unet.mid_block.register_forward_hook(hook)
-    try:
-        with frozen(list(frozen_params)):
-            den(x_t, t, cond)
-    except _MidBlockOutput as out:
-        return out.features.float()
-    finally:
-        handle.remove()
-    raise StepdistillError("the fake-score UNet never ran its mid_block")
-
-
-@contextlib.contextmanager
-def recording_mid_block(unet):
-    """Records the UNet's mid-block output of every forward inside (the whole UNet still runs)."""
-    outputs: list[torch.Tensor] = []
-    handle = unet.mid_block.register_forward_hook(lambda module, args, output: outputs.append(output))
-    try:
-        yield outputs
-    finally:
-        handle.remove()
-
-
 class DiscriminatorHead(torch.nn.Module):
     """A light head on a backbone's feature map (size x size): two convs, global pooling, one logit.
 
@@ -82,7 +68,7 @@ class DiscriminatorHead(torch.nn.Module):
     2x2 mid-block map gave the earlier fixed-stride, 32-group head, and why it stayed at chance in training
     (tests/test_gan_head.py)."""
 
-    def __init__(self, channels: int, hidden: int = 256, size: int = 8):
+    def __init__(self, channels: int, hidden: int = 256, size: int = 8, cond_dim: int | None = None):
         super().__init__()
         hidden = min(hidden, channels)
         stride = 2 if size >= 4 else 1
@@ -91,9 +77,31 @@ class DiscriminatorHead(torch.nn.Module):
             torch.nn.Conv2d(channels, hidden, 3, padding=1), _group_norm(hidden, size), torch.nn.SiLU(),
             torch.nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1), _group_norm(hidden, out), torch.nn.SiLU(),
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(hidden, 1))
+        # a projection discriminator (Miyato & Koyama 2018) where a text vector is given: logit += <P c, h>
+        self.project = None if cond_dim is None else torch.nn.Linear(cond_dim, hidden, bias=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).squeeze(1)
+    def forward(self, features: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.project is None:
+            return self.net(features).squeeze(1)
+        pooled = self.net[:-1](features)
+        return self.net[-1](pooled).squeeze(1) + (self.project(cond.float()) * pooled).sum(1)
+
+
+class FeatureHeads(torch.nn.Module):
+    """One conditioned DiscriminatorHead per feature tap; forward gives the logits of every head, (heads, B)."""
+
+    def __init__(self, shapes: list[tuple[int, int]], hidden: int, cond_dim: int | None):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(DiscriminatorHead(c, hidden, size, cond_dim) for c, size in shapes)
+
+    def forward(self, features: list[torch.Tensor], cond: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([head(f, cond) for head, f in zip(self.heads, features)])
+
+
+def text_vector(cond) -> torch.Tensor:
+    """What a head is conditioned on: the pooled text embedding where the backbone has one, else the mean over
+    tokens of the per-token embeddings."""
+    return (cond.pooled if cond.pooled is not None else cond.embeds.mean(1)).float()
 
 
 def _group_norm(channels: int, size: int, min_values: int = 16) -> torch.nn.GroupNorm:

@@ -28,7 +28,7 @@ from ..denoiser import Denoiser
 from ..errors import StepdistillError
 from ..losses import l2
 from ..models import STUDENT_ADAPTER, add_adapter_like, copy_adapter
-from .base import Batch, Objective, Stage, TrainedNetwork, register
+from .base import Batch, Objective, Stage, StudentSample, TrainedNetwork, register
 
 TARGET_ADAPTER = "target"
 
@@ -75,6 +75,7 @@ class Progressive(Objective):
     name = "progressive"
     Options = ProgressiveOptions
     needs_images = True
+    needs_own_sample = True
     summary = "progressive distillation: one student DDIM step matches two of the previous round's; guided variant"
 
     def __init__(self, setup, options: ProgressiveOptions):
@@ -180,44 +181,51 @@ class Progressive(Objective):
             return self.teacher.guided_x0_eps(z, t, batch.cond, batch.uncond, s)
         return self.target.x0_eps(z, t, batch.cond, self._w(scale))
 
-    def round_loss(self, batch: Batch, x0: torch.Tensor, noise: torch.Tensor, k: torch.Tensor,
-                   scale: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """One student step from t(k, N) against two target steps through t(2k - 1, 2N) to t(k - 1, N)."""
-        n, T = self.student_steps, self.T
-        t, t_mid, t_end = grid_timestep(k, n, T), grid_timestep(2 * k - 1, 2 * n, T), grid_timestep(k - 1, n, T)
-        sch = self.schedule
-        z = sch.add_noise(x0, noise, t)
-        with torch.no_grad():
-            z_mid = sch.ddim_step(*self.target_x0_eps(z, t, batch, scale), t_mid)
-            z_end = sch.ddim_step(*self.target_x0_eps(z_mid, t_mid, batch, scale), t_end)
-            target = sch.ddim_x0_target(z, t, z_end, t_end)
-        pred = self.student_train.x0_eps(z, t, batch.cond, self._w(scale))[0]
-        loss = (self.weight(t) * l2(pred, target)).mean()
-        return {"loss": loss}
-
-    def guided_loss(self, batch: Batch, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                    scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Stage 1 of guided distillation: the student's x0 at (z_t, s) matches the CFG teacher's at scale s."""
-        z = self.schedule.add_noise(x0, noise, t)
-        target, _ = self.target_x0_eps(z, t, batch, scale)
-        pred = self.student_train.x0_eps(z, t, batch.cond, self._w(scale))[0]
-        return {"loss": (self.weight(t) * l2(pred, target)).mean()}
-
-    def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def draw_student(self, batch: Batch, gen: torch.Generator, train: bool) -> StudentSample:
         o, x0 = self.opt, batch.latents
         b, dev = x0.shape[0], x0.device
         # draw order (tests replay it): step index or t, then noise, then the guidance scale
         if self.kind == "guided":
-            t = torch.randint(0, self.T, (b,), generator=gen, device=dev)
+            step = torch.randint(0, self.T, (b,), generator=gen, device=dev)
         else:
-            k = torch.randint(1, self.student_steps + 1, (b,), generator=gen, device=dev)
+            step = torch.randint(1, self.student_steps + 1, (b,), generator=gen, device=dev)
         noise = torch.randn(x0.shape, generator=gen, device=dev)
         scale = None
         if o.guided:
             scale = o.guidance_min + (o.guidance_max - o.guidance_min) * torch.rand(b, generator=gen, device=dev)
+        return self.student_at(batch, noise, step, scale, train)
+
+    def student_at(self, batch: Batch, noise, step, scale, train: bool = True) -> StudentSample:
+        """The student's x0 at z_t = alpha_t x + sigma_t noise, t = t(k, N) for grid points k = `step` (a guided
+        stage: t = `step`)."""
+        k = None if self.kind == "guided" else step
+        t = step if k is None else grid_timestep(k, self.student_steps, self.T)
+        z = self.schedule.add_noise(batch.latents, noise, t)
+        with torch.set_grad_enabled(train):
+            pred = (self.student_train if train else self.student).x0_eps(z, t, batch.cond, self._w(scale))[0]
+        return StudentSample(pred, {"z": z, "t": t, "k": k, "scale": scale})
+
+    def student_losses(self, sample: StudentSample, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         if self.kind == "guided":
-            return self.guided_loss(batch, x0, noise, t, scale)
-        return self.round_loss(batch, x0, noise, k, scale)
+            return self.guided_loss(sample, batch)
+        return self.round_loss(sample, batch)
+
+    def round_loss(self, sample: StudentSample, batch: Batch) -> dict[str, torch.Tensor]:
+        """One student step from t(k, N) against two target steps through t(2k - 1, 2N) to t(k - 1, N)."""
+        n, T, sch = self.student_steps, self.T, self.schedule
+        z, t, k, scale = (sample.context[key] for key in ("z", "t", "k", "scale"))
+        t_mid, t_end = grid_timestep(2 * k - 1, 2 * n, T), grid_timestep(k - 1, n, T)
+        with torch.no_grad():
+            z_mid = sch.ddim_step(*self.target_x0_eps(z, t, batch, scale), t_mid)
+            z_end = sch.ddim_step(*self.target_x0_eps(z_mid, t_mid, batch, scale), t_end)
+            target = sch.ddim_x0_target(z, t, z_end, t_end)
+        return {"loss": (self.weight(t) * l2(sample.x0, target)).mean()}
+
+    def guided_loss(self, sample: StudentSample, batch: Batch) -> dict[str, torch.Tensor]:
+        """Stage 1 of guided distillation: the student's x0 at (z_t, s) matches the CFG teacher's at scale s."""
+        z, t, scale = (sample.context[key] for key in ("z", "t", "scale"))
+        target, _ = self.target_x0_eps(z, t, batch, scale)
+        return {"loss": (self.weight(t) * l2(sample.x0, target)).mean()}
 
     @torch.no_grad()
     def rollout(self, x_T: torch.Tensor, cond, scale: float | None = None) -> torch.Tensor:

@@ -46,8 +46,10 @@ class VSD(DistributionMatching):
     def losses(self, network: str, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         if network == "fake":
             return self.fake_loss(batch, gen)
-        x0 = self.student_sample(batch, gen, train=True)
-        return self.generator_losses(x0, batch, gen)
+        return super().losses(network, batch, gen)
+
+    def student_losses(self, sample, batch, gen):
+        return self.generator_losses(sample.x0, batch, gen)
 
     def weight(self, x0, x0_real, t) -> torch.Tensor:
         kind = self.opt.weighting

@@ -49,12 +49,7 @@ class AdversarialOptions(NoiseStudentOptions):
     r1: Literal["exact", "approximate"] = "approximate"
     r1_sigma: float = 0.01  # approximate R1: the perturbation's std, relative to each feature map's std
 
-    def num_student_steps(self) -> int:
-        return self.num_steps
-
     def check(self) -> None:
-        if self.num_steps < 1:
-            raise StepdistillError("objective.options.num_steps must be >= 1")
         super().check()
         if self.loss not in GAN_LOSSES:
             raise StepdistillError(f"objective.options.loss must be one of {', '.join(GAN_LOSSES)}")

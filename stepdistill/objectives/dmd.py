@@ -55,12 +55,7 @@ class DMDOptions(FakeScoreOptions):
     regression_weight: float = 0.0  # DMD1: l2 to teacher ODE outputs from the same noise (0 = off)
     regression_steps: int = 8  # teacher DDIM steps (with CFG) to make each regression target, on the fly
 
-    def num_student_steps(self) -> int:
-        return self.num_steps
-
     def check(self) -> None:
-        if self.num_steps < 1:
-            raise StepdistillError("objective.options.num_steps must be >= 1")
         super().check()
         if self.gan_weight < 0 or self.regression_weight < 0 or self.fake_disc_weight < 0:
             raise StepdistillError("objective.options gan_weight, fake_disc_weight and regression_weight must be >= 0")

@@ -37,9 +37,11 @@ class NoiseStudentOptions:
     student_timesteps: list[int] | None = None
 
     def num_student_steps(self) -> int:
-        return 1
+        return getattr(self, "num_steps", 1)  # objectives with multistep students have a num_steps option
 
     def check(self) -> None:
+        if self.num_student_steps() < 1:
+            raise StepdistillError("objective.options.num_steps must be >= 1")
         ts = self.student_timesteps
         if ts is not None and (len(ts) != self.num_student_steps() or any(b >= a for a, b in zip(ts, ts[1:]))
                                or min(ts) < 0):

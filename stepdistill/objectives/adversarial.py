@@ -10,6 +10,9 @@ on the text by projection) tell them apart:
     L_G  = -D(G(z)) (hinge) | softplus(-D(G(z))) (non-saturating)
     L_D  = relu(1 - D(x)) + relu(1 + D(sg G(z))) | softplus(-D(x)) + softplus(D(sg G(z)))  [+ R1 on real features]
 
+ADD's pixel-space variant (`feature_network`): the heads read a frozen image network's features of the VAE-decoded
+sample (clean, no noise), e.g. `torchvision:resnet50` with its weights from a local file.
+
 Usable alone or as a term of `compose` (after consistency, progressive, dmd or vsd: it scores their student's
 sample and its discriminator draws samples through them).
 """
@@ -22,6 +25,7 @@ import torch
 
 from ..denoiser import default_feature_taps
 from ..errors import StepdistillError
+from ..feature_networks import load_feature_network
 from .base import Batch, StudentSample, TrainedNetwork, register
 from .gan import (GAN_LOSSES, FeatureHeads, approximate_r1_penalty, frozen, gan_discriminator_loss, gan_generator_loss,
                   r1_penalty, text_vector)
@@ -36,6 +40,9 @@ class AdversarialOptions(NoiseStudentOptions):
     teacher_steps: int = 25  # real=teacher: DDIM steps of each teacher sample (on the fly)
     guidance_scale: float = 3.0  # real=teacher: the teacher's CFG scale
     taps: list[str] | None = None  # backbone modules whose outputs the heads read (default: several depths)
+    feature_network: str | None = None  # ADD: torchvision:NAME or timm:NAME on decoded images (None: the teacher)
+    feature_network_weights: str | None = None  # a local .safetensors / .pt state dict (None: random init)
+    feature_network_size: int = 224  # decoded images are resized to this
     disc_hidden: int = 64
     disc_lr: float | None = None  # default: train.lr
     text_conditioning: bool = True  # heads project the text vector into their logit
@@ -58,6 +65,8 @@ class AdversarialOptions(NoiseStudentOptions):
         if self.logit_std <= 0 or self.r1_sigma <= 0 or self.r1_weight < 0 or self.teacher_steps < 1:
             raise StepdistillError("objective.options needs logit_std > 0, r1_sigma > 0, r1_weight >= 0 and "
                                    "teacher_steps >= 1")
+        if self.feature_network_size < 8:
+            raise StepdistillError("objective.options.feature_network_size must be >= 8")
         if self.taps is not None and not self.taps:
             raise StepdistillError("objective.options.taps must name at least one module (or be left out)")
 
@@ -73,11 +82,17 @@ class Adversarial(NoiseToSample):
         super().__init__(setup, options)
         o = options
         self.needs_images = o.real == "data"
-        self.taps = list(o.taps) if o.taps else default_feature_taps(self.teacher.unet)
+        self.pixel = None
+        if o.feature_network:
+            self.pixel = load_feature_network(o.feature_network, o.feature_network_weights, o.taps,
+                                              o.feature_network_size).to(setup.device)
+            self.taps = self.pixel.taps
+        else:
+            self.taps = list(o.taps) if o.taps else default_feature_taps(self.teacher.unet)
         with torch.no_grad():  # one dry pass: the maps' channels and sizes shape the heads
             empty = setup.teacher.prompt_encoder([""], setup.resolution)
             z = torch.zeros((1, *self.latent_shape), device=setup.device)
-            feats = self.teacher.features(z, self._t(self.T // 2, 1, z.device), empty, self.taps)
+            feats = self.features(z, self._t(self.T // 2, 1, z.device), empty, None)
         cond_dim = text_vector(empty).shape[-1] if o.text_conditioning else None
         self.heads = FeatureHeads([(f.shape[1], f.shape[-1]) for f in feats], o.disc_hidden, cond_dim).to(setup.device)
         self.heads_train = self.heads
@@ -97,10 +112,13 @@ class Adversarial(NoiseToSample):
             u = torch.rand(b, generator=gen, device=device)
         return ((o.disc_t_lo + (o.disc_t_hi - o.disc_t_lo) * u) * (self.T - 1)).round().long()
 
-    def features(self, x0, t, cond, gen: torch.Generator) -> list[torch.Tensor]:
-        """The teacher's features at x0 noised to t (gradients reach x0 when it requires grad)."""
-        x_t = self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=x0.device), t)
-        return self.teacher.features(x_t, t, cond, self.taps)
+    def features(self, x0, t, cond, gen: torch.Generator | None) -> list[torch.Tensor]:
+        """The teacher's features at x0 noised to t, or the feature network's of decoded x0 (gradients reach x0)."""
+        if self.pixel is not None:
+            vae = self.setup.teacher.vae
+            return self.pixel(vae.decode((x0 / self.setup.teacher.latent_scale).to(vae.dtype)).sample)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device) if gen is not None else torch.zeros_like(x0)
+        return self.teacher.features(self.schedule.add_noise(x0, noise, t), t, cond, self.taps)
 
     def _text(self, cond):
         return text_vector(cond) if self.opt.text_conditioning else None

@@ -182,7 +182,7 @@ def test_fake_score_update_with_gan_head_matches_hand_written(tiny_sd):
     """DMD2's guidance update: DSM + fake_disc_weight * the discriminator loss, the latter reaching the fake
     UNet's weights through its mid-block features but not the head's, written out with separate forwards."""
     from stepdistill.objectives.gan import gan_discriminator_loss
-    
+
     teacher, _, obj = _objective(tiny_sd, "dmd", "lora", gan_weight=0.5, fake_disc_weight=0.3, disc_t_max=0.3)
     batch = _batch(teacher, images=True)
     out = obj.losses("fake", batch, torch.Generator().manual_seed(5))

@@ -87,7 +87,7 @@ def test_dmd2_head_learns_in_the_trainer_loop(tmp_path):
     from PIL import Image
 
     from stepdistill.objectives import load_run_config
-        from stepdistill.trainer import Trainer
+    from stepdistill.trainer import Trainer
 
     data = tmp_path / "white"
     data.mkdir()

@@ -81,17 +81,22 @@ def test_interrupted_checkpoint_is_ignored_and_corrupt_one_is_reported(tiny_sd, 
         Trainer(run_config(tiny_sd, tmp_path / "r", **{"train.max_steps": 3, "train.resume": "latest"})).train()
 
 
-def test_two_process_ddp_keeps_replicas_identical(tiny_sd, tmp_path):
+@pytest.mark.parametrize("config, extra, updates", [
+    ("configs/shapes/consistency_lora.yaml", ["objective.options.num_ddim_timesteps=10"], 3),
+    # a composition: three DDP-wrapped networks (student every 2nd step, fake score on the shared base and
+    # discriminator heads every step), each update drawing its own batch: 2 + 3 + 3
+    ("configs/shapes/dmd2_adversarial.yaml", [], 8),
+])
+def test_two_process_ddp_keeps_replicas_identical(tiny_sd, tmp_path, config, extra, updates):
     out = tmp_path / "ddp"
     overrides = [f"model.teacher={tiny_sd}", f"train.output_dir={out}", "train.max_steps=3", "train.batch_size=2",
                  "train.progress=false", "train.checkpoint_every=100", "train.export=none", "data.max_samples=32",
-                 "student.lora_rank=4", "objective.options.num_ddim_timesteps=10", "train.lr=1e-2",
-                 "train.sample_prompts=[a red circle]"]
+                 "student.lora_rank=4", "train.lr=1e-2", "train.sample_prompts=[a red circle]", *extra]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
-           "-m", "stepdistill", "train", "configs/shapes/consistency_lora.yaml", *overrides]
+           "-m", "stepdistill", "train", config, *overrides]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                          cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -99,5 +104,5 @@ def test_two_process_ddp_keeps_replicas_identical(tiny_sd, tmp_path):
     state = json.loads((out / "final" / "trainer_state.json").read_text())
     sums = state["replica_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
-    # both processes drew their own slice of every global batch
-    assert state["drawn"] == 3 * 2 * 2
+    # both processes drew their own slice of every global batch, one per network update
+    assert state["drawn"] == updates * 2 * 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .errors import StepdistillError
@@ -121,17 +122,103 @@ class VPSchedule(NoiseSchedule):
 
 
 class FlowSchedule(NoiseSchedule):
-    """Rectified-flow schedule (SD3 / Flux / SANA): sigma = shift*s / (1 + (shift-1)*s), s = t / T."""
+    """Rectified flow (SD3 / Flux / SANA), exactly as diffusers' FlowMatchEulerDiscreteScheduler.
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
-        self.num_train_timesteps = num_train_timesteps
-        self.shift = shift
+    x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0, and its timestep is diffusers' float
+    t = sigma * T: `alpha_sigma(t)`, `add_noise` and the conversions take that t. Two sigma grids exist:
+      training   sigma(u), u on the uniform grid 1..T: the static shift  shift*s / (1 + (shift-1)*s), s = u / T
+                 (scheduler.sigmas after construction; unshifted when use_dynamic_shifting)
+      inference  sigmas_for_inference(n, ...): set_timesteps' table, shifted by `shift` or by mu (resolution)
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, *, use_dynamic_shifting: bool = False,
+                 base_shift: float = 0.5, max_shift: float = 1.15, base_image_seq_len: int = 256,
+                 max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
+                 shift_terminal: float | None = None, stochastic_sampling: bool = False):
+        if time_shift_type not in ("exponential", "linear"):
+            raise StepdistillError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
+        self.num_train_timesteps, self.shift = int(num_train_timesteps), float(shift)
+        self.dynamic = use_dynamic_shifting  # then `shift` is unused: mu (from the resolution) shifts instead
+        self.base_shift, self.max_shift, self.time_shift_type = base_shift, max_shift, time_shift_type
+        self.base_image_seq_len, self.max_image_seq_len = base_image_seq_len, max_image_seq_len
+        self.shift_terminal = shift_terminal
+        self.stochastic_sampling = stochastic_sampling  # which step the teacher's sampler takes
         self.prediction_type = "flow"
+        # the ends of the training table bound set_timesteps' default grid (so with a static shift, twice shifted)
+        self.sigma_max, self.sigma_min = self.sigma(self.num_train_timesteps).item(), self.sigma(1).item()
 
-    def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        s = torch.as_tensor(t).float() / self.num_train_timesteps
-        return self.shift * s / (1 + (self.shift - 1) * s)
+    @classmethod
+    def from_scheduler_config(cls, config) -> "FlowSchedule":
+        """From a FlowMatchEulerDiscreteScheduler config (dict or diffusers FrozenDict); diffusers' defaults."""
+        cfg = dict(config)
+        unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+                       if cfg.get(k)]
+        if unsupported:
+            raise StepdistillError(f"flow scheduler option {unsupported[0]}=true is not supported")
+        if cfg.get("prediction_type", "flow") != "flow":
+            raise StepdistillError(f"flow scheduler with prediction_type '{cfg['prediction_type']}' is not supported")
+        keys = ("use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len",
+                "time_shift_type", "shift_terminal", "stochastic_sampling")
+        return cls(cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0),
+                   **{k: cfg[k] for k in keys if k in cfg})
+
+    def sigma(self, u) -> torch.Tensor:
+        """Training sigma of uniform time u in [0, T] (diffusers' construction; float32 as there, so exact)."""
+        s = torch.as_tensor(u).float() / self.num_train_timesteps
+        return s if self.dynamic else self.shift * s / (1 + (self.shift - 1) * s)
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sig = self.sigma(t)
+        # t = sigma * T (t = 0 is clean); t / T can be 1 ulp off the table's sigma when t itself was rounded
+        sig = torch.as_tensor(t).float() / self.num_train_timesteps
         return 1 - sig, sig
+
+    def mu(self, image_seq_len: int) -> float:
+        """Resolution-dependent shift: linear in the token count (diffusers pipelines' calculate_shift)."""
+        m = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        return image_seq_len * m + (self.base_shift - m * self.base_image_seq_len)
+
+    def sigmas_for_inference(self, num_steps: int, image_seq_len: int | None = None, sigmas=None,
+                             mu: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_steps + 1 sigmas ending in 0, num_steps timesteps), as scheduler.set_timesteps(num_steps, sigmas=,
+        mu=) sets them. SD3 passes no sigmas; Flux passes np.linspace(1, 1/num_steps, num_steps) and mu.
+        mu (or image_seq_len) is used only with dynamic shifting, as in diffusers.
+        Numpy arithmetic as in diffusers (float64 default grid, float32 given sigmas), so the tables are equal."""
+        n = self.num_train_timesteps
+        if sigmas is None:
+            s = np.linspace(self.sigma_max * n, self.sigma_min * n, num_steps) / n
+        else:
+            s = np.array(sigmas).astype(np.float32)
+        if self.dynamic:
+            if mu is None and image_seq_len is None:
+                raise StepdistillError("use_dynamic_shifting needs image_seq_len or mu")
+            mu = self.mu(image_seq_len) if mu is None else mu
+            m = math.exp(mu) if self.time_shift_type == "exponential" else mu
+            s = m / (m + (1 / s - 1))
+        else:
+            s = self.shift * s / (1 + (self.shift - 1) * s)
+        if self.shift_terminal:  # stretch 1 - s so that the last sigma is shift_terminal (LTX-Video)
+            one_minus = 1 - s
+            if one_minus[-1] == 0:  # a schedule that ends at sigma 1 (one step) cannot stretch: diffusers gives NaN
+                raise StepdistillError("shift_terminal needs a last sigma below 1 (at least 2 steps)")
+            s = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
+        s = torch.from_numpy(s).float()
+        return torch.cat([s, torch.zeros(1)]), s * n
+
+    # --- sampler steps: scheduler.step's arithmetic (float32 sample, result in v's dtype) -----------------
+    def euler_step(self, x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+        """x + (sigma_next - sigma) v."""
+        sigma, sigma_next = _step_sigma(sigma, x), _step_sigma(sigma_next, x)
+        return (x.float() + (sigma_next - sigma) * v).to(v.dtype)
+
+    def stochastic_step(self, x: torch.Tensor, v: torch.Tensor, sigma, sigma_next,
+                        noise: torch.Tensor) -> torch.Tensor:
+        """stochastic_sampling=True: re-noise the predicted x0 = x - sigma v with fresh noise at sigma_next."""
+        sigma, sigma_next = _step_sigma(sigma, x), _step_sigma(sigma_next, x)
+        x0 = x.float() - sigma * v
+        return ((1 - sigma_next) * x0 + sigma_next * noise).to(v.dtype)
+
+
+def _step_sigma(v, like: torch.Tensor) -> torch.Tensor:
+    """A step's sigma as float32; a scalar stays 0-dim so that dtype promotion is the scheduler's."""
+    v = torch.as_tensor(v, dtype=torch.float32, device=like.device)
+    return v.reshape(-1, *([1] * (like.ndim - 1))) if v.ndim else v

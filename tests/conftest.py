@@ -16,6 +16,54 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    """tiny_sd's v-prediction twin (same seed, so the same random weights; scaled_linear betas like tiny_sd)."""
+    from stepdistill.testing import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_linear(tmp_path_factory):
+    """A v-prediction teacher on the linear-beta DDPM schedule (alpha_bar(999) = 4e-5, where scaled_linear's is
+    5e-3): a second beta schedule, so that the package's own rebuild of alphas_cumprod is checked as well."""
+    from stepdistill.testing import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v-linear") / "pipe",
+                                   prediction_type="v_prediction", beta_schedule="linear"))
+
+
+# The teachers the hand-written loss tests run on: eps, v, and v on another beta schedule.
+HAND_WRITTEN_TEACHERS = {"eps": "tiny_sd", "v": "tiny_sd_v", "v-linear": "tiny_sd_v_linear"}
+
+
+@pytest.fixture(params=list(HAND_WRITTEN_TEACHERS))
+def any_tiny_sd(request):
+    """Each of HAND_WRITTEN_TEACHERS' pipeline folders in turn (test ids: eps, v, v-linear)."""
+    return request.getfixturevalue(HAND_WRITTEN_TEACHERS[request.param])
+
+
+def hand_schedule(path):
+    """(alphas_cumprod, prediction_type) as diffusers' own DDIMScheduler reads them from the pipeline folder: the
+    hand-written side of the loss tests never asks the package's schedule."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    return sched.alphas_cumprod, sched.config.prediction_type
+
+
+def hand_x0_eps(out, x_t, a, s, prediction_type):
+    """(x0, eps) from a raw network output, converted by hand; a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t).
+    epsilon: eps = out, x0 = (x_t - s eps) / a.  v_prediction (v = a eps - s x0): x0 = a x_t - s v, eps = s x_t + a v.
+    """
+    if prediction_type == "epsilon":
+        return (x_t - s * out) / a, out
+    if prediction_type == "v_prediction":
+        return a * x_t - s * out, s * x_t + a * out
+    raise ValueError(f"no hand-written conversion for {prediction_type!r}")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     from stepdistill.testing import build_tiny_pipeline
 

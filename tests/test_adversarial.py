@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import hand_schedule, hand_x0_eps
 
 from stepdistill.config import ModelConfig, StudentConfig
 from stepdistill.errors import StepdistillError
@@ -104,19 +105,14 @@ def _teacher_features(unet, x_t, t, embeds, taps):
     return [seen[n] for n in taps]
 
 
-def _alphas(path):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_pretrained(path, subfolder="scheduler").alphas_cumprod
-
-
 def _noised(ac, x0, t, noise):
     return ac[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac[t]).sqrt().view(-1, 1, 1, 1) * noise
 
 
-def test_adversarial_generator_loss_and_gradient_match_hand_written(tiny_sd):
-    teacher, student, obj = _build(tiny_sd, "adversarial", disc_t_lo=0.1, disc_t_hi=0.5)
-    batch, ac = _batch(teacher), _alphas(tiny_sd)
+def test_adversarial_generator_loss_and_gradient_match_hand_written(any_tiny_sd):
+    teacher, student, obj = _build(any_tiny_sd, "adversarial", disc_t_lo=0.1, disc_t_hi=0.5)
+    (ac, prediction_type), batch = hand_schedule(any_tiny_sd), _batch(teacher)
+    assert teacher.schedule.prediction_type == prediction_type
     x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
     ours = obj.student_losses(StudentSample(x0), batch, torch.Generator().manual_seed(7))["loss"]
     (g_ours,) = torch.autograd.grad(ours, x0)
@@ -139,18 +135,26 @@ def test_adversarial_generator_loss_and_gradient_match_hand_written(tiny_sd):
 
 
 @pytest.mark.parametrize("r1", ["none", "exact", "approximate"])
-def test_adversarial_discriminator_loss_matches_hand_written(tiny_sd, r1):
+def test_adversarial_discriminator_loss_matches_hand_written(any_tiny_sd, r1):
     opts = {"loss": "non_saturating", "disc_t_hi": 0.5}
     if r1 != "none":
         opts.update(r1=r1, r1_weight=2.0, r1_sigma=0.1)
-    teacher, student, obj = _build(tiny_sd, "adversarial", **opts)
-    batch, ac = _batch(teacher), _alphas(tiny_sd)
+    teacher, student, obj = _build(any_tiny_sd, "adversarial", **opts)
+    (ac, prediction_type), batch = hand_schedule(any_tiny_sd), _batch(teacher)
+    assert teacher.schedule.prediction_type == prediction_type
     out = obj.losses("disc", batch, torch.Generator().manual_seed(5))
     # by hand, in the objective's draw order: the student's sample (noise), t, the noise of both, [perturbation]
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(4, 4, 8, 8, generator=gen)
+    t_s = torch.full((4,), 999)  # the one-step student's timestep, its raw output (eps or v) converted by hand
+    assert obj.timesteps == [999]
     with torch.no_grad():
-        fake = obj.student.x0_eps(z, torch.full((4,), obj.timesteps[0]), batch.cond)[0]
+        unet = teacher.unet
+        unet.enable_adapters()
+        unet.set_adapter("student")
+        raw = unet(z, t_s, encoder_hidden_states=batch.cond.embeds).sample
+        fake, _ = hand_x0_eps(raw, z, ac[t_s].sqrt().view(-1, 1, 1, 1), (1 - ac[t_s]).sqrt().view(-1, 1, 1, 1),
+                              prediction_type)
     t = ((0.5 * torch.rand(4, generator=gen)) * 999).round().long().repeat(2)
     x_t = _noised(ac, torch.cat([batch.latents, fake]), t, torch.randn(8, 4, 8, 8, generator=gen))
     with torch.no_grad():

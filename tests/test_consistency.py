@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import hand_schedule, hand_x0_eps
 
 from stepdistill.config import ModelConfig, StudentConfig
 from stepdistill.models import build_student, load_teacher
@@ -29,8 +30,10 @@ def _batch(teacher):
     return Batch(prompts, cond, uncond, torch.randn(4, 4, 8, 8, generator=g))
 
 
-def _hand_written_lcm_loss(teacher_unet, student_call, target_call, alphas_cumprod, batch, gen, o):
-    """LCM's loss written out from the paper/reference script, with the diffusers scheduler's alphas_cumprod."""
+def _hand_written_lcm_loss(teacher_unet, student_call, target_call, teacher_path, batch, gen, o):
+    """LCM's loss written out from the paper/reference script, with the diffusers scheduler's alphas_cumprod and
+    the raw outputs (eps or v, as the teacher's scheduler says) converted by hand."""
+    alphas_cumprod, prediction_type = hand_schedule(teacher_path)
     T, N = 1000, o["num_ddim_timesteps"]
     k = T // N
     ddim_timesteps = torch.arange(1, N + 1) * k - 1
@@ -48,19 +51,17 @@ def _hand_written_lcm_loss(teacher_unet, student_call, target_call, alphas_cumpr
         return (0.25 / (st**2 + 0.25)).view(-1, 1, 1, 1), (st / (st**2 + 0.25) ** 0.5).view(-1, 1, 1, 1)
 
     x_t = a(t) * batch.latents + s(t) * noise
-    eps = student_call(x_t, t, batch.cond.embeds, w)
-    x0 = (x_t - s(t) * eps) / a(t)
+    x0, _ = hand_x0_eps(student_call(x_t, t, batch.cond.embeds, w), x_t, a(t), s(t), prediction_type)
     cs, co = scalings(t)
     pred = cs * x_t + co * x0
     with torch.no_grad():
-        eps_c = teacher_unet(x_t, t, encoder_hidden_states=batch.cond.embeds).sample
-        eps_u = teacher_unet(x_t, t, encoder_hidden_states=batch.uncond.embeds).sample
+        out_c = teacher_unet(x_t, t, encoder_hidden_states=batch.cond.embeds).sample
+        out_u = teacher_unet(x_t, t, encoder_hidden_states=batch.uncond.embeds).sample
         wv = w.view(-1, 1, 1, 1)
-        eps_g = eps_c + wv * (eps_c - eps_u)
-        x0_g = (x_t - s(t) * eps_g) / a(t)
+        x0_g, eps_g = hand_x0_eps(out_c + wv * (out_c - out_u), x_t, a(t), s(t), prediction_type)  # CFG 1 + w
         x_prev = a(t_prev) * x0_g + s(t_prev) * eps_g
-        eps_tgt = target_call(x_prev, t_prev, batch.cond.embeds, w)
-        x0_tgt = (x_prev - s(t_prev) * eps_tgt) / a(t_prev)
+        x0_tgt, _ = hand_x0_eps(target_call(x_prev, t_prev, batch.cond.embeds, w), x_prev, a(t_prev), s(t_prev),
+                                prediction_type)
         cs_p, co_p = scalings(t_prev)
         target = cs_p * x_prev + co_p * x0_tgt
     c = o["huber_c"]
@@ -70,10 +71,9 @@ def _hand_written_lcm_loss(teacher_unet, student_call, target_call, alphas_cumpr
 OPTS = dict(num_ddim_timesteps=20, w_min=2.0, w_max=6.0, loss="huber", huber_c=0.001)
 
 
-def test_consistency_lora_loss_and_grads_match_hand_written(tiny_sd):
-    from diffusers import DDIMScheduler
-
-    teacher, student = _setup(tiny_sd, "lora")
+def test_consistency_lora_loss_and_grads_match_hand_written(any_tiny_sd):
+    teacher, student = _setup(any_tiny_sd, "lora")
+    assert teacher.schedule.prediction_type == hand_schedule(any_tiny_sd)[1]
     cls = get_objective("consistency")
     obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(OPTS))
     batch = _batch(teacher)
@@ -81,7 +81,6 @@ def test_consistency_lora_loss_and_grads_match_hand_written(tiny_sd):
     params = [p for p in student.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
 
-    ac = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").alphas_cumprod
     unet = teacher.unet
 
     def student_call(x, t, emb, w):  # LoRA student: adapters on
@@ -96,7 +95,7 @@ def test_consistency_lora_loss_and_grads_match_hand_written(tiny_sd):
             finally:
                 unet.enable_adapters()
 
-    ref = _hand_written_lcm_loss(TeacherView(), student_call, student_call, ac, batch,
+    ref = _hand_written_lcm_loss(TeacherView(), student_call, student_call, any_tiny_sd, batch,
                                  torch.Generator().manual_seed(7), OPTS)
     for p in params:  # peft's enable/disable toggles requires_grad; the objective's own call already ran
         p.requires_grad_(True)
@@ -109,8 +108,6 @@ def test_consistency_lora_loss_and_grads_match_hand_written(tiny_sd):
 
 
 def test_consistency_full_student_with_guidance_embedding_uses_ema_target(tiny_sd):
-    from diffusers import DDIMScheduler
-
     from stepdistill.denoiser import guidance_scale_embedding
 
     teacher, student = _setup(tiny_sd, "full", guidance_embedding=True, guidance_embedding_dim=32)
@@ -124,10 +121,9 @@ def test_consistency_full_student_with_guidance_embedding_uses_ema_target(tiny_s
     batch = _batch(teacher)
     loss = obj.losses("student", batch, torch.Generator().manual_seed(3))["loss"]
 
-    ac = DDIMScheduler.from_pretrained(tiny_sd, subfolder="scheduler").alphas_cumprod
     call = lambda net: (lambda x, t, emb, w: net(x, t, encoder_hidden_states=emb,  # noqa: E731
                                                   timestep_cond=guidance_scale_embedding(w, 32)).sample)
-    ref = _hand_written_lcm_loss(teacher.unet, call(student), call(obj.ema.shadow), ac, batch,
+    ref = _hand_written_lcm_loss(teacher.unet, call(student), call(obj.ema.shadow), tiny_sd, batch,
                                  torch.Generator().manual_seed(3), OPTS)
     assert abs(loss.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
     # the EMA target moves towards the student after an update

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import hand_schedule, hand_x0_eps
 
 from stepdistill.config import ModelConfig, StudentConfig
 from stepdistill.models import build_student, load_teacher
@@ -34,12 +35,6 @@ def _batch(teacher, images=False):
     return Batch(prompts, teacher.prompt_encoder(prompts), teacher.prompt_encoder([""] * 4), latents)
 
 
-def _alphas_cumprod(path):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_pretrained(path, subfolder="scheduler").alphas_cumprod
-
-
 def _raw_unet(unet, adapter):
     """A raw UNet call with exactly one adapter active (None: the frozen base = the teacher)."""
     def call(x, t, emb):
@@ -61,33 +56,34 @@ def _raw_unet(unet, adapter):
 
 
 def _hand_written_x_t_and_scores(teacher_path, unet, batch, x0, gen, w, t_range=(20, 980)):
-    """Noise x0 to x_t with the objective's draw order (t, then eps); the CFG teacher's and the fake's eps."""
-    ac = _alphas_cumprod(teacher_path)
+    """Noise x0 to x_t with the objective's draw order (t, then eps); the CFG teacher's and the fake's (x0, eps),
+    from their raw outputs (eps or v, as the teacher's scheduler says) converted by hand."""
+    ac, prediction_type = hand_schedule(teacher_path)
     b = x0.shape[0]
     t = torch.randint(t_range[0], t_range[1] + 1, (b,), generator=gen)
     noise = torch.randn(x0.shape, generator=gen)
     a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
     x_t = a * x0.detach() + s * noise
     with torch.no_grad():
-        teacher, fake = _raw_unet(unet, None), _raw_unet(unet, "fake")
-        eps_c, eps_u = teacher(x_t, t, batch.cond.embeds), teacher(x_t, t, batch.uncond.embeds)
-        eps_real = eps_u + w * (eps_c - eps_u)
-        eps_fake = fake(x_t, t, batch.cond.embeds)
-    return t, x_t, a, s, eps_real, eps_fake
+        teacher, fake_score = _raw_unet(unet, None), _raw_unet(unet, "fake")
+        out_c, out_u = teacher(x_t, t, batch.cond.embeds), teacher(x_t, t, batch.uncond.embeds)
+        real = hand_x0_eps(out_u + w * (out_c - out_u), x_t, a, s, prediction_type)
+        fake = hand_x0_eps(fake_score(x_t, t, batch.cond.embeds), x_t, a, s, prediction_type)
+    return t, x_t, a, s, real, fake
 
 
 @pytest.mark.parametrize("student_type", ["lora", "full"])
-def test_dmd_generator_gradient_matches_hand_written(tiny_sd, student_type):
+def test_dmd_generator_gradient_matches_hand_written(any_tiny_sd, student_type):
     w = 2.5
-    teacher, _, obj = _objective(tiny_sd, "dmd", student_type, guidance_scale=w)
+    teacher, _, obj = _objective(any_tiny_sd, "dmd", student_type, guidance_scale=w)
+    assert teacher.schedule.prediction_type == hand_schedule(any_tiny_sd)[1]
     batch = _batch(teacher)
     x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(7))
     (grad_x0,) = torch.autograd.grad(out["loss"], x0)
 
-    t, x_t, a, s, eps_real, eps_fake = _hand_written_x_t_and_scores(tiny_sd, teacher.unet, batch, x0,
-                                                                    torch.Generator().manual_seed(7), w)
-    x0_real, x0_fake = (x_t - s * eps_real) / a, (x_t - s * eps_fake) / a
+    t, x_t, a, s, (x0_real, _), (x0_fake, _) = _hand_written_x_t_and_scores(any_tiny_sd, teacher.unet, batch, x0,
+                                                                            torch.Generator().manual_seed(7), w)
     x0d = x0.detach()
     grad = (x0_fake - x0_real) / (x0d - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
     expected = grad / x0.numel()  # loss = mean over batch and elements of 0.5 ||x0 - sg(x0 - grad)||^2
@@ -96,16 +92,17 @@ def test_dmd_generator_gradient_matches_hand_written(tiny_sd, student_type):
 
 
 @pytest.mark.parametrize("student_type", ["lora", "full"])
-def test_vsd_generator_gradient_matches_hand_written(tiny_sd, student_type):
+def test_vsd_generator_gradient_matches_hand_written(any_tiny_sd, student_type):
     w = 4.5
-    teacher, _, obj = _objective(tiny_sd, "vsd", student_type, guidance_scale=w)
+    teacher, _, obj = _objective(any_tiny_sd, "vsd", student_type, guidance_scale=w)
+    assert teacher.schedule.prediction_type == hand_schedule(any_tiny_sd)[1]
     batch = _batch(teacher)
     x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
     out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(9))
     (grad_x0,) = torch.autograd.grad(out["loss"], x0)
 
-    t, x_t, a, s, eps_real, eps_fake = _hand_written_x_t_and_scores(tiny_sd, teacher.unet, batch, x0,
-                                                                    torch.Generator().manual_seed(9), w)
+    t, x_t, a, s, (_, eps_real), (_, eps_fake) = _hand_written_x_t_and_scores(any_tiny_sd, teacher.unet, batch, x0,
+                                                                              torch.Generator().manual_seed(9), w)
     grad = (s**2) * (eps_real - eps_fake)  # w(t) = 1 - alpha_bar_t
     expected = grad / x0.numel()
     assert grad.abs().max() > 1e-4
@@ -178,27 +175,36 @@ def test_discriminator_head_learns_and_generator_gan_gradient_flows(tiny_sd):
     assert all(p.grad is None for p in obj.fake_params) and all(p.grad is None for p in disc.module.parameters())
 
 
-def test_fake_score_update_with_gan_head_matches_hand_written(tiny_sd):
+def test_fake_score_update_with_gan_head_matches_hand_written(any_tiny_sd):
     """DMD2's guidance update: DSM + fake_disc_weight * the discriminator loss, the latter reaching the fake
-    UNet's weights through its mid-block features but not the head's, written out with separate forwards."""
+    UNet's weights through its mid-block features but not the head's, written out with separate forwards; the
+    student's sample and the fake score's eps (fake_loss: eps) converted by hand from their raw outputs."""
     from stepdistill.objectives.gan import gan_discriminator_loss
 
-    teacher, _, obj = _objective(tiny_sd, "dmd", "lora", gan_weight=0.5, fake_disc_weight=0.3, disc_t_max=0.3)
+    teacher, _, obj = _objective(any_tiny_sd, "dmd", "lora", gan_weight=0.5, fake_disc_weight=0.3, disc_t_max=0.3)
+    ac, prediction_type = hand_schedule(any_tiny_sd)
+    assert obj.opt.fake_loss == "eps" and teacher.schedule.prediction_type == prediction_type
     batch = _batch(teacher, images=True)
     out = obj.losses("fake", batch, torch.Generator().manual_seed(5))
     got = torch.autograd.grad(out["loss"], obj.fake_params)
     assert all(p.grad is None for p in obj.disc.parameters())
 
+    a = lambda tt: ac[tt].sqrt().view(-1, 1, 1, 1)  # noqa: E731
+    s = lambda tt: (1 - ac[tt]).sqrt().view(-1, 1, 1, 1)  # noqa: E731
+    noised = lambda x, n, tt: a(tt) * x + s(tt) * n  # noqa: E731
     gen = torch.Generator().manual_seed(5)  # the objective's draws, in its order
-    x0 = obj.student_sample(batch, gen, train=False)
+    z, t_student = torch.randn(4, 4, 8, 8, generator=gen), torch.full((4,), 999)  # one-step student: x_T at 999
+    with torch.no_grad():
+        x0, _ = hand_x0_eps(_raw_unet(teacher.unet, "student")(z, t_student, batch.cond.embeds), z, a(t_student),
+                            s(t_student), prediction_type)
     t = torch.randint(0, 1000, (4,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     t_d = torch.randint(20, 300 + 1, (4,), generator=gen).repeat(2)  # disc_t_max 0.3
     noise_d = torch.randn((8, *x0.shape[1:]), generator=gen)
-    ac = _alphas_cumprod(tiny_sd)
-    noised = lambda x, n, tt: ac[tt].sqrt().view(-1, 1, 1, 1) * x + (1 - ac[tt]).sqrt().view(-1, 1, 1, 1) * n  # noqa: E731
     fake = _raw_unet(teacher.unet, "fake")
-    dsm = ((fake(noised(x0, eps, t), t, batch.cond.embeds) - eps) ** 2).mean()
+    x_t = noised(x0, eps, t)
+    _, eps_fake = hand_x0_eps(fake(x_t, t, batch.cond.embeds), x_t, a(t), s(t), prediction_type)
+    dsm = ((eps_fake - eps) ** 2).mean()
     x_d = noised(torch.cat([batch.latents, x0]), noise_d, t_d)
     feats = obj.fake.features(x_d, t_d, batch.cond.cat(batch.cond), ["mid_block"])[0]
     real_logits, fake_logits = obj.disc(feats).chunk(2)

@@ -18,13 +18,6 @@ from stepdistill.objectives.progressive import grid_timestep
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_sd_v(tmp_path_factory):
-    from stepdistill.testing import build_tiny_pipeline
-
-    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-v") / "pipe", prediction_type="v_prediction"))
-
-
 def _objective(teacher_path, student_type="full", max_steps=6, guidance_embedding=False, **opts):
     torch.manual_seed(0)
     teacher = load_teacher(ModelConfig(teacher=teacher_path), "cpu")

@@ -338,3 +338,26 @@ def test_end_to_end_run_exports(tiny_sd, tmp_path, objective, student_type, opts
         assert lora and not any(".fake." in k or "fake" in k.split(".") for k in lora)
     else:
         assert (export / "unet").is_dir()
+
+
+@pytest.mark.parametrize("beta_schedule, prediction, steps, expected", [
+    ("scaled_linear", "epsilon", 1, [999]),   # SD: sigma/alpha = 14.6 at 999, DMD2's SD1.5 setting
+    ("linear", "epsilon", 1, [730]),          # DDPM linear betas: 157x at 999, 15x at 730
+    ("linear", "epsilon", 4, [730, 548, 365, 182]),
+    ("linear", "v_prediction", 2, [999, 499]),  # v: x0 = alpha x - sigma v, no amplification
+    ("squaredcos_cap_v2", "epsilon", 1, [956]),
+])
+def test_default_student_timesteps_come_from_the_schedule(beta_schedule, prediction, steps, expected):
+    """The rule, by hand: the largest t with sigma_t / alpha_t <= 15 (eps) or sigma_t <= 15 (v), then its trailing grid."""
+    from diffusers import DDPMScheduler
+
+    from stepdistill.objectives.noise_student import default_student_timesteps
+    from stepdistill.schedule import VPSchedule
+
+    kw = {"beta_start": 0.00085, "beta_end": 0.012} if beta_schedule == "scaled_linear" else {}
+    config = DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction, **kw).config
+    ac = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    gain = ((1 - ac) / ac).sqrt() if prediction == "epsilon" else (1 - ac).sqrt()
+    t0 = int((gain <= 15).nonzero().max())
+    assert [t0 - i * (t0 + 1) // steps for i in range(steps)] == expected
+    assert default_student_timesteps(VPSchedule.from_scheduler_config(config), steps, 15.0) == expected

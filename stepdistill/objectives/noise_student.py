@@ -23,6 +23,18 @@ def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [num_train_timesteps - 1 - i * num_train_timesteps // steps for i in range(steps)]
 
 
+def default_student_timesteps(schedule, steps: int, max_amplification: float) -> list[int]:
+    """The trailing grid below t_0, the largest timestep at which an error in the network's output reaches its x0
+    amplified at most `max_amplification` times: sigma/alpha for eps prediction (x0 = (x - sigma eps) / alpha),
+    sigma for v (x0 = alpha x - sigma v), 1 for x0. SD's scaled_linear eps schedule keeps 999 (14.6x, DMD2's SD1.5
+    setting); the linear-beta DDPM schedule gets 730 (157x at 999); v and x0 teachers keep 999."""
+    T = schedule.num_train_timesteps
+    alpha, sigma = (v.double() for v in schedule.alpha_sigma(torch.arange(T)))
+    gain = {"epsilon": sigma / alpha, "v_prediction": sigma}.get(schedule.prediction_type, torch.ones_like(sigma))
+    t0 = int((gain <= max_amplification).nonzero().max()) if bool((gain <= max_amplification).any()) else 0
+    return [t0 - i * (t0 + 1) // steps for i in range(steps)]
+
+
 def adapter_params(unet, adapter: str) -> list[torch.nn.Parameter]:
     return [p for n, p in unet.named_parameters() if f".{adapter}." in n]
 
@@ -30,11 +42,14 @@ def adapter_params(unet, adapter: str) -> list[torch.nn.Parameter]:
 @dataclass
 class NoiseStudentOptions:
     ttur: int = 1  # the student is updated every `ttur` steps, its critics (fake score, discriminator) every step
-    # The timesteps the student is conditioned on, one per step (default: the trailing grid 999, 749, ...). Its
+    # The timesteps the student is conditioned on, one per step (default: derived from the schedule, below). Its
     # input at the first one is pure noise whatever the timestep; a lower one (DMD2's one-step SDXL: 399) helps
     # where alpha_T is tiny, because an eps-prediction UNet's x0 = (x - sigma eps) / alpha amplifies eps errors
     # by sigma / alpha (160x at t = 999 of the linear-beta DDPM schedule, 15x for SD's scaled_linear).
     student_timesteps: list[int] | None = None
+    # the default student_timesteps (default_student_timesteps): the first is the largest t whose output-to-x0 error
+    # amplification stays within this bound, the rest its trailing grid
+    max_noise_amplification: float = 15.0
 
     def num_student_steps(self) -> int:
         return getattr(self, "num_steps", 1)  # objectives with multistep students have a num_steps option
@@ -49,6 +64,8 @@ class NoiseStudentOptions:
                                    "strictly decreasing timesteps >= 0")
         if self.ttur < 1:
             raise StepdistillError("objective.options.ttur must be >= 1")
+        if self.max_noise_amplification < 1:
+            raise StepdistillError("objective.options.max_noise_amplification must be >= 1")
 
 
 class NoiseToSample(Objective):
@@ -59,7 +76,8 @@ class NoiseToSample(Objective):
         teacher, o = setup.teacher, options
         self.T = teacher.schedule.num_train_timesteps
         self.schedule = teacher.schedule
-        ts = o.student_timesteps or trailing_timesteps(self.T, o.num_student_steps())
+        ts = o.student_timesteps or default_student_timesteps(self.schedule, o.num_student_steps(),
+                                                              o.max_noise_amplification)
         if max(ts) >= self.T:
             raise StepdistillError(f"objective.options.student_timesteps must be < {self.T}")
         self._timesteps = [int(t) for t in ts]

@@ -36,7 +36,7 @@ class Compose(Objective):
     Options = ComposeOptions
     summary = ("a weighted sum of terms on one student, e.g. dmd + adversarial (DMD2), consistency + adversarial "
                "(PCM-adv), progressive + adversarial (Lightning)")
-    usage = __doc__.split("\n\n")[1]
+    usage = __doc__.split("\n", 1)[1].strip("\n")  # `stepdistill objectives -v` prints it
 
     @classmethod
     def parse_options(cls, options: dict):

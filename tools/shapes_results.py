@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (config, step counts to evaluate the student at)
 DEFAULT_RUNS = [("configs/shapes/dmd2_1step.yaml", [1]), ("configs/shapes/dmd2_4step.yaml", [1, 2, 4]),
                 ("configs/shapes/vsd_1step.yaml", [1]), ("configs/shapes/consistency_lora.yaml", [1, 2, 4])]
+# other configs evaluated at these step counts with --configs (the rest: one step)
+STEPS = {"configs/shapes/adversarial_4step.yaml": [1, 2, 4], "configs/shapes/consistency_adversarial.yaml": [1, 2, 4]}
 
 
 def _env(threads: int) -> dict:
@@ -139,7 +141,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="config overrides for every training (key=value)")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
-    runs = DEFAULT_RUNS if not args.configs else [(c, dict(DEFAULT_RUNS).get(c, [1])) for c in args.configs]
+    runs = DEFAULT_RUNS if not args.configs else [(c, dict(DEFAULT_RUNS).get(c, STEPS.get(c, [1]))) for c in args.configs]
     # Students and the teacher baseline use one frozen snapshot of the teacher (a teacher still being trained
     # may be rewritten in place; a LoRA export names its base folder).
     snapshot = out / "teacher"

@@ -99,3 +99,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def white_image_folder(root, n: int):
+    """An image-caption folder of n all-white 32x32 images captioned "a white image": a real distribution that
+    any discriminator separates trivially from a student's samples."""
+    import json
+
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (32, 32), (255, 255, 255)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": "a white image"}) + "\n"
+                                                 for i in range(n)))
+    return root

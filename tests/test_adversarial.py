@@ -360,19 +360,10 @@ def test_bad_feature_networks_are_one_line(tiny_sd, opts, phrase):
 def test_adversarial_heads_learn_in_the_trainer_loop(tiny_sd, tmp_path):
     """Through the real trainer (optimizers, cadence, adapter scopes, `frozen`): real images that are all white
     against the student's samples, trivially separable, are told apart on held-out draws."""
-    import json
-
-    from PIL import Image
-
+    from conftest import white_image_folder
     from stepdistill.trainer import Trainer
 
-    data = tmp_path / "white"
-    data.mkdir()
-    lines = []
-    for i in range(16):
-        Image.new("RGB", (32, 32), (255, 255, 255)).save(data / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": "a white image"}))
-    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = white_image_folder(tmp_path / "white", 16)
     cfg = load_run_config("configs/shapes/adversarial_1step.yaml", [
         f"model.teacher={tiny_sd}", f"train.output_dir={tmp_path / 'run'}", f"data.source={data}",
         "train.batch_size=8", "train.max_steps=60", "train.progress=false", "train.export=none"])

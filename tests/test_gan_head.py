@@ -7,8 +7,6 @@ shaped by the map it reads (`objectives.gan.DiscriminatorHead`).
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,18 +82,11 @@ def test_dmd2_head_learns_in_the_trainer_loop(tmp_path):
     """Through the real trainer (optimizers, TTUR cadence, adapter scopes, `frozen`, the fake score's own use of
     the discriminator loss) on the shapes teacher, whose 2x2 mid-block map broke the earlier head: real images that
     are all white against the student's samples, trivially separable, are told apart on held-out draws."""
-    from PIL import Image
-
+    from conftest import white_image_folder
     from stepdistill.objectives import load_run_config
     from stepdistill.trainer import Trainer
 
-    data = tmp_path / "white"
-    data.mkdir()
-    lines = []
-    for i in range(32):
-        Image.new("RGB", (32, 32), (255, 255, 255)).save(data / f"{i}.png")
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": "a white image"}))
-    (data / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = white_image_folder(tmp_path / "white", 32)
     cfg = load_run_config("configs/shapes/dmd2_1step.yaml", [
         f"train.output_dir={tmp_path / 'run'}", f"data.source={data}", "train.batch_size=8", "train.max_steps=150",
         "train.progress=false", "train.export=none"])

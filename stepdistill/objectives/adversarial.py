@@ -124,9 +124,6 @@ class Adversarial(NoiseToSample):
         return text_vector(cond) if self.opt.text_conditioning else None
 
     # --- the student -----------------------------------------------------------------------------------------
-    def draw_student(self, batch: Batch, gen: torch.Generator, train: bool) -> StudentSample:
-        return StudentSample(self.student_sample(batch, gen, train))
-
     def student_losses(self, sample: StudentSample, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         x0 = sample.x0
         t = self.disc_timesteps(x0.shape[0], gen, x0.device)

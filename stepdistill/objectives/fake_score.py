@@ -17,7 +17,7 @@ from ..errors import StepdistillError
 from ..losses import denoising_score_matching, l2
 from ..models import adapter_state_kept, add_lora
 from .base import Batch, TrainedNetwork
-from .noise_student import NoiseStudentOptions, NoiseToSample, adapter_params, trailing_timesteps  # noqa: F401
+from .noise_student import NoiseStudentOptions, NoiseToSample, adapter_params
 
 FAKE_ADAPTER = "fake"
 

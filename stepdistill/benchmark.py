@@ -147,12 +147,12 @@ class StepProfiler:
         tr = self.trainer
         if den.adapter is not None:
             return {"student": "student", "fake": "fake score", "target": "target"}.get(den.adapter, den.adapter)
-        if den.unet is tr.teacher.unet:
+        if den.module is tr.teacher.net:
             return "teacher"
-        if den.unet is tr.student:
+        if den.module is tr.student:
             return "student"
         for name, net in tr.networks.items():
-            if den.unet is net.module:
+            if den.module is net.module:
                 return {"fake": "fake score"}.get(name, name)
         return "frozen copy"  # e.g. a progressive round's frozen target, an EMA target
 
@@ -205,7 +205,7 @@ class StepProfiler:
         original_call = Denoiser.__call__
 
         def denoiser_call(den, x_t, t, cond, w=None):
-            prof._hook(den.unet)  # a network no TrainedNetwork names (an EMA target, a frozen round target)
+            prof._hook(den.module)  # a network no TrainedNetwork names (an EMA target, a frozen round target)
             role = prof._role(den)
             prof._local.role = role
             grad = " (grad)" if torch.is_grad_enabled() else ""
@@ -215,7 +215,7 @@ class StepProfiler:
         Denoiser.__call__ = denoiser_call
         self._undo.append((Denoiser, "__call__", original_call, True))
         # The raw inputs of every backbone pass, as the network received them (below DDP, inside the adapter scope)
-        backbones = {id(tr.teacher.unet): tr.teacher.unet, id(tr.student): tr.student}
+        backbones = {id(tr.teacher.net): tr.teacher.net, id(tr.student): tr.student}
         for net in tr.networks.values():
             backbones.setdefault(id(net.module), net.module)
         for module in backbones.values():
@@ -417,9 +417,7 @@ def _teacher_child(config_path: str) -> dict:
     b, res = cfg.train.batch_size, cfg.data.resolution
     cond = teacher.prompt_encoder(["a red circle"] * b, res)
     uncond = teacher.prompt_encoder([""] * b, res)
-    vae = teacher.vae
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    x = torch.randn(b, teacher.unet.config.in_channels, res // factor, res // factor, device=device)
+    x = torch.randn(b, *teacher.latent_shape(res), device=device)
     t = torch.full((b,), teacher.schedule.num_train_timesteps // 2, device=device, dtype=torch.long)
     with torch.no_grad():
         teacher.denoiser().guided_x0_eps(x, t, cond, uncond, 4.5)

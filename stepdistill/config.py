@@ -33,22 +33,23 @@ class ModelConfig:
 
 @dataclass
 class StudentConfig:
-    # lora: an adapter on the teacher's UNet; full: an fp32 copy; small: a smaller UNet built from the teacher's
-    # config with `architecture` overrides (BK-SDM style), initialised from the teacher where names and shapes match
+    # lora: an adapter on the teacher's network; full: an fp32 copy; small: a smaller network built from the
+    # teacher's config with `architecture` overrides (BK-SDM style), initialised from the teacher where names and
+    # shapes match
     type: Literal["lora", "full", "small"] = "lora"
     lora_rank: int = 16
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_targets: list[str] = field(default_factory=lambda: [
-        "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
-    ])
+    # module names (or name suffixes) the LoRA wraps; null: the backbone's defaults (a UNet's attention, resnet
+    # and time-embedding layers; a transformer's attention and feed-forward projections)
+    lora_targets: list[str] | None = None
     # Full and small students only: a guidance-scale embedding (UNet `time_cond_proj_dim`), one network for any w.
     guidance_embedding: bool = False
     guidance_embedding_dim: int = 256
-    # Small students only: overrides of the teacher UNet's config, e.g. {layers_per_block: 1, mid_block_type: null}
+    # Small students only: overrides of the teacher network's config, e.g. {layers_per_block: 1, mid_block_type:
+    # null} for a UNet, {num_layers: 2} for a transformer
     architecture: dict[str, Any] = field(default_factory=dict)
-    # LoRA students only: the adapter goes on the teacher's own UNet (one copy of the base in memory) or, false,
+    # LoRA students only: the adapter goes on the teacher's own network (one copy of the base in memory) or, false,
     # on a separate copy (more memory; kept for comparisons, e.g. `stepdistill benchmark`)
     share_base: bool = True
 

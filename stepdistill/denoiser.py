@@ -1,81 +1,34 @@
-"""Denoiser: a diffusers backbone + conditioning + noise schedule behind one interface.
+"""Denoiser: a diffusers backbone (through its adapter) + conditioning + noise schedule behind one interface.
 
 Teacher, student and any critic are Denoisers. Where the student is a LoRA, all of them share one frozen base
-UNet and differ only in which adapter is active (None = the plain base, i.e. the teacher).
+network and differ only in which adapter is active (None = the plain base, i.e. the teacher).
 """
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass, replace
 
 import torch
 
+from .backbones import Backbone, Conditioning, backbone_for, guidance_scale_embedding  # noqa: F401 (re-exported)
 from .schedule import NoiseSchedule
 
 
-@dataclass
-class Conditioning:
-    """Text conditioning for a batch, in the form the UNet takes it."""
-
-    embeds: torch.Tensor  # (B, L, D) encoder_hidden_states
-    pooled: torch.Tensor | None = None  # SDXL: pooled text embeddings
-    time_ids: torch.Tensor | None = None  # SDXL: (original size, crop, target size)
-
-    def unet_kwargs(self) -> dict:
-        kwargs = {"encoder_hidden_states": self.embeds}
-        if self.pooled is not None:
-            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
-        return kwargs
-
-    def map(self, fn) -> "Conditioning":
-        return replace(self, embeds=fn(self.embeds),
-                       pooled=None if self.pooled is None else fn(self.pooled),
-                       time_ids=None if self.time_ids is None else fn(self.time_ids))
-
-    def cat(self, other: "Conditioning") -> "Conditioning":
-        return Conditioning.concat([self, other])
-
-    @staticmethod
-    def concat(rows: list["Conditioning"]) -> "Conditioning":
-        """One Conditioning of all rows, in order (one torch.cat per field, not one per row)."""
-        def join(name):
-            return None if getattr(rows[0], name) is None else torch.cat([getattr(r, name) for r in rows])
-
-        return Conditioning(join("embeds"), join("pooled"), join("time_ids"))
-
-    def __len__(self) -> int:
-        return self.embeds.shape[0]
-
-
-def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the guidance weight, as diffusers' LCM pipelines compute it (w scaled by 1000)."""
-    w = w.float() * 1000.0
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -(math.log(10000.0) / (half - 1)))
-    emb = w[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    if dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1))
-    return emb
-
-
 @contextlib.contextmanager
-def adapter_scope(unet, adapter: str | None):
-    """Run `unet` with only `adapter` active (None: no adapter, the frozen base); the previous state is restored.
+def adapter_scope(module, adapter: str | None):
+    """Run `module` with only `adapter` active (None: no adapter, the frozen base); the previous state is restored.
 
     Sets the LoRA layers' active/disabled state directly. peft's public `set_adapter` / `enable_adapters` also
     rewrite every parameter's requires_grad (switching to the teacher mid-step would freeze the student) and
     cost tens of milliseconds per switch, where DMD switches about ten times per training step.
     """
-    layers = _tuner_layers(unet)
+    layers = _tuner_layers(module)
     if not layers:
         if adapter is not None:
-            raise ValueError(f"adapter '{adapter}' requested but the UNet has no adapters")
+            raise ValueError(f"adapter '{adapter}' requested but the network has no adapters")
         yield
         return
-    if adapter is not None and adapter not in unet.peft_config:
-        raise ValueError(f"adapter '{adapter}' requested; the UNet has {sorted(unet.peft_config)}")
+    if adapter is not None and adapter not in module.peft_config:
+        raise ValueError(f"adapter '{adapter}' requested; the network has {sorted(module.peft_config)}")
     saved = _adapter_states(layers)
     wanted = [(active, True) for active, _ in saved] if adapter is None else [([adapter], False) for _ in saved]
     try:
@@ -97,13 +50,13 @@ def _set_adapter_states(layers, states) -> None:
         attrs["_active_adapter"], attrs["_disable_adapters"] = active, disabled
 
 
-def enable_gradient_checkpointing(unet) -> None:
+def enable_gradient_checkpointing(module) -> None:
     """diffusers' gradient checkpointing, with each block recomputed under the adapters that were active in its
     forward pass. The backward pass runs after `adapter_scope` has exited, so plain checkpointing would recompute
     a fake score's (or a student's) blocks with whatever adapter is active then: silently wrong gradients."""
     import torch.utils.checkpoint as ckpt
 
-    layers = _tuner_layers(unet)
+    layers = _tuner_layers(module)
 
     def restoring(state):
         @contextlib.contextmanager
@@ -121,53 +74,54 @@ def enable_gradient_checkpointing(unet) -> None:
         return ckpt.checkpoint(module.__call__, *args, use_reentrant=False,
                                context_fn=lambda: (contextlib.nullcontext(), restoring(state)))
 
-    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
+    module.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
 
-def _tuner_layers(unet) -> list:
-    """The LoRA layers of `unet`, found once per set of adapters: walking every module at every adapter switch
+def _tuner_layers(module) -> list:
+    """The LoRA layers of `module`, found once per set of adapters: walking every module at every adapter switch
     cost more than the switch itself, and a DMD step switches about ten times."""
-    if not getattr(unet, "_hf_peft_config_loaded", False):
+    if not getattr(module, "_hf_peft_config_loaded", False):
         return []
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    key = tuple(sorted(getattr(unet, "peft_config", {})))
-    cached = unet.__dict__.get("_stepdistill_tuner_layers")
+    key = tuple(sorted(getattr(module, "peft_config", {})))
+    cached = module.__dict__.get("_stepdistill_tuner_layers")
     if cached is None or cached[0] != key:
-        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
-        unet.__dict__["_stepdistill_tuner_layers"] = cached
+        cached = (key, [m for m in module.modules() if isinstance(m, BaseTunerLayer)])
+        module.__dict__["_stepdistill_tuner_layers"] = cached
     return cached[1]
 
 
 class Denoiser:
     """Predicts x0 / eps / v from (x_t, t, conditioning) in the teacher's noise schedule.
 
-    `net` is what is called (possibly a DDP wrapper), `unet` the bare module (for config and adapters).
+    t is schedule time (`NoiseSchedule`: 0..T-1, T-1 the noisiest); the schedule turns it into the timestep the
+    family's scheduler would hand the network, and the backbone adapter makes the network's own call.
+    `net` is what is called (possibly a DDP wrapper), `module` the bare network (config, adapters, taps).
     """
 
-    def __init__(self, net, schedule: NoiseSchedule, *, unet=None, adapter: str | None = None,
-                 prediction_type: str | None = None):
+    def __init__(self, net, schedule: NoiseSchedule, *, module=None, adapter: str | None = None,
+                 prediction_type: str | None = None, backbone: Backbone | None = None):
         self.net = net
-        self.unet = unet if unet is not None else net
+        self.module = module if module is not None else net
         self.schedule = schedule
         self.adapter = adapter
         self.prediction_type = prediction_type or schedule.prediction_type
+        self.backbone = backbone or backbone_for(self.module)
 
     @property
-    def guidance_embedding_dim(self) -> int | None:
-        return getattr(self.unet.config, "time_cond_proj_dim", None)
+    def takes_guidance(self) -> bool:
+        """The network has a guidance input (an embedded-guidance student, Flux-dev): pass w."""
+        return self.backbone.guidance_input(self.module) is not None
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                  w: torch.Tensor | None = None) -> torch.Tensor:
         """The raw network output, in this denoiser's parameterization."""
-        kwargs = cond.unet_kwargs()
-        if self.guidance_embedding_dim is not None:
-            if w is None:
-                raise ValueError("this network has a guidance embedding: pass the guidance weight w")
-            kwargs["timestep_cond"] = guidance_scale_embedding(w, self.guidance_embedding_dim).to(x_t)
-        dtype = next(self.unet.parameters()).dtype  # ModelMixin.dtype scans every parameter
-        with adapter_scope(self.unet, self.adapter):
-            out = self.net(x_t.to(dtype), t, **{k: _cast(v, dtype) for k, v in kwargs.items()}).sample
+        dtype = next(self.module.parameters()).dtype  # ModelMixin.dtype scans every parameter
+        timestep = self.schedule.timestep(t)  # as the pipeline passes it: not cast to the network's dtype
+        with adapter_scope(self.module, self.adapter):
+            out = self.backbone.predict(self.net, self.module, x_t.to(dtype), timestep,
+                                        cond.map(lambda v: _cast(v, dtype)), w)
         return out.to(x_t.dtype)
 
     def x0_eps(self, x_t, t, cond, w=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,20 +140,27 @@ class Denoiser:
 
     # --- feature taps (discriminator heads read intermediate activations) --------------------------------
     def features(self, x_t, t, cond: Conditioning, taps: list[str]) -> list[torch.Tensor]:
-        """The outputs of the modules named in `taps` (e.g. "mid_block", "down_blocks.1"), in that order, fp32.
+        """The outputs of the modules named in `taps` (e.g. "mid_block", "transformer_blocks.3") as (B, C, h, w)
+        maps, in that order, fp32.
 
         The network stops as soon as the last of them has run, so a tap of a UNet's encoder half never runs its
         decoder. Gradients flow to `x_t` and to whatever requires grad in the network (freeze what should not
         learn, `gan.frozen`)."""
-        with recording_features(self.unet, taps, stop=True) as found:
+        with self.recording(taps, x_t.shape, stop=True) as found:
             try:
                 self(x_t, t, cond)
             except _TapsComplete:
                 pass
         missing = [name for name, value in zip(taps, found) if value is None]
         if missing:
-            raise ValueError(f"feature taps {missing} never ran in {type(self.unet).__name__}")
+            raise ValueError(f"feature taps {missing} never ran in {type(self.module).__name__}")
         return found
+
+    def recording(self, taps: list[str], latent_shape, stop: bool = False):
+        """`recording_features` on this network, each output turned into a map by the backbone adapter."""
+        hw = tuple(latent_shape[-2:])
+        return recording_features(self.module, taps, stop,
+                                  transform=lambda out: self.backbone.feature_map(self.module, out, hw))
 
 
 class _TapsComplete(Exception):
@@ -207,16 +168,17 @@ class _TapsComplete(Exception):
 
 
 @contextlib.contextmanager
-def recording_features(module, taps: list[str], stop: bool = False):
+def recording_features(module, taps: list[str], stop: bool = False, transform=None):
     """Records, in a list ordered like `taps`, the output of each named submodule of `module` at its last forward
-    inside (a tuple output's first element: UNet down blocks return (hidden states, skip connections)). With
-    `stop`, the forward pass is cut short (raises _TapsComplete) once every tap has run."""
+    inside (through `transform`, else a tuple output's first element), as fp32. With `stop`, the forward pass is
+    cut short (raises _TapsComplete) once every tap has run."""
     found: list = [None] * len(taps)
     seen: set[int] = set()
+    pick = transform or (lambda out: out[0] if isinstance(out, tuple) else out)
 
     def hook_for(i):
         def hook(_, args, output):
-            found[i] = (output[0] if isinstance(output, tuple) else output).float()
+            found[i] = pick(output).float()
             seen.add(i)
             if stop and len(seen) == len(taps):
                 raise _TapsComplete
@@ -233,16 +195,9 @@ def recording_features(module, taps: list[str], stop: bool = False):
             h.remove()
 
 
-def default_feature_taps(net) -> list[str]:
-    """Where a discriminator reads a backbone by default: a UNet's every down block and its mid block (LADD reads
-    several depths of the frozen teacher); a transformer's blocks."""
-    if hasattr(net, "down_blocks") and hasattr(net, "mid_block"):
-        return [f"down_blocks.{i}" for i in range(len(net.down_blocks))] + ["mid_block"]
-    blocks = getattr(net, "transformer_blocks", None)
-    if blocks is not None:
-        n = len(blocks)
-        return [f"transformer_blocks.{i}" for i in sorted({n // 4, n // 2, 3 * n // 4, n - 1})]
-    raise ValueError(f"no default feature taps for {type(net).__name__}; name them (e.g. objective.options.taps)")
+def default_feature_taps(module) -> list[str]:
+    """Where a discriminator reads a backbone by default (its adapter's `feature_taps`)."""
+    return backbone_for(module).feature_taps(module)
 
 
 def _cast(value, dtype):

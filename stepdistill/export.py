@@ -21,30 +21,31 @@ from .utils import atomic_directory, atomic_write_json, check_output_dir
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 
 
-def pipeline_with_unet(teacher: Teacher, unet, scheduler):
-    """The teacher's diffusers pipeline class with `unet` and `scheduler` swapped in."""
+def pipeline_with_net(teacher: Teacher, net, scheduler):
+    """The teacher's diffusers pipeline class with its network (`unet` / `transformer`) and `scheduler` swapped in."""
     import diffusers
 
     cls = getattr(diffusers, teacher.pipeline_class)
-    components = {k: v for k, v in teacher.components.items() if k not in ("unet", "scheduler")}
-    return cls(**components, unet=unet, scheduler=scheduler)
+    name = teacher.backbone.component
+    components = {k: v for k, v in teacher.components.items() if k not in (name, "scheduler")}
+    return cls(**components, **{name: net}, scheduler=scheduler)
 
 
-def lora_state_dict(unet, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
+def lora_state_dict(net, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+    return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
 
 
-def kohya_state_dict(unet, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
+def kohya_state_dict(net, adapter: str = STUDENT_ADAPTER, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
     """`lora_unet_<module>` keys with lora_down / lora_up and each module's true alpha (kohya's sd-scripts
     naming on diffusers module paths, which ComfyUI, A1111 and diffusers' kohya converter read)."""
     from peft.tuners.lora import LoraLayer
 
     out = {}
-    for name, module in unet.named_modules():
+    for name, module in net.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            key = "lora_unet_" + name.replace(".", "_")
+            key = prefix + name.replace(".", "_")
             out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
             out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
             out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
@@ -53,11 +54,11 @@ def kohya_state_dict(unet, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Te
     return out
 
 
-def merged_unet(unet, adapter: str = STUDENT_ADAPTER):
-    """A plain UNet (no peft layers) with the LoRA adapter folded into its weights."""
+def merged_network(net, adapter: str = STUDENT_ADAPTER):
+    """A plain network (no peft layers) with the LoRA adapter folded into its weights."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    merged = copy.deepcopy(unet)
+    merged = copy.deepcopy(net)
     for module in merged.modules():
         if isinstance(module, BaseTunerLayer):
             module.merge(adapter_names=[adapter])
@@ -78,7 +79,7 @@ def check_export_out(out: Path) -> None:
     check_output_dir(out, "--out", replaced=True)
 
 
-def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: str | os.PathLike,
+def export_student(teacher: Teacher, net, spec: SamplingSpec, fmt: str, out: str | os.PathLike,
                    student_type: str, name: str = "stepdistill") -> Path:
     import dataclasses
 
@@ -95,14 +96,16 @@ def export_student(teacher: Teacher, unet, spec: SamplingSpec, fmt: str, out: st
             import diffusers
 
             cls = getattr(diffusers, teacher.pipeline_class)
-            metadata = unet.peft_config[STUDENT_ADAPTER].to_dict()
-            cls.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True,
-                                  unet_lora_adapter_metadata=metadata)
-            save_file(kohya_state_dict(unet), str(tmp / KOHYA_FILE))
+            metadata = net.peft_config[STUDENT_ADAPTER].to_dict()
+            name = teacher.backbone.component  # unet_lora_layers / transformer_lora_layers
+            cls.save_lora_weights(str(tmp), safe_serialization=True, **{f"{name}_lora_layers": lora_state_dict(net),
+                                                                        f"{name}_lora_adapter_metadata": metadata})
+            if teacher.backbone.kohya_prefix:
+                save_file(kohya_state_dict(net, prefix=teacher.backbone.kohya_prefix), str(tmp / KOHYA_FILE))
             make_scheduler(spec).save_pretrained(str(tmp / "scheduler"))
         elif fmt == "full":
-            plain = merged_unet(unet) if student_type == "lora" else unet
-            pipe = pipeline_with_unet(teacher, plain, make_scheduler(spec))
+            plain = merged_network(net) if student_type == "lora" else net
+            pipe = pipeline_with_net(teacher, plain, make_scheduler(spec))
             pipe.save_pretrained(str(tmp), safe_serialization=True)
         else:
             raise StepdistillError(f"unknown export format '{fmt}'; use lora or full")
@@ -115,20 +118,27 @@ def model_card(spec: SamplingSpec, teacher: Teacher, path: str, name: str) -> st
     steps, g = spec.num_inference_steps, spec.guidance_scale
     res = spec.resolution or 512
     pipe_cls = teacher.pipeline_class
+    load_kwargs = "".join(f", {k}=None" for k in teacher.absent)  # e.g. SD3 saved without its T5 encoder
     if spec.format == "lora":
-        load = (f'pipe = {pipe_cls}.from_pretrained("{spec.base_model}")\n'
+        load = (f'pipe = {pipe_cls}.from_pretrained("{spec.base_model}"{load_kwargs})\n'
                 f'pipe.load_lora_weights("{path}")\n'
                 f'pipe.scheduler = {spec.scheduler_class}.from_pretrained("{path}", subfolder="scheduler")')
-        files = (f"- `{LORA_FILE}`: diffusers / peft LoRA (`pipe.load_lora_weights`)\n"
-                 f"- `{KOHYA_FILE}`: the same LoRA with kohya keys and per-module alpha, for ComfyUI and A1111\n"
+        kohya = (f"- `{KOHYA_FILE}`: the same LoRA with kohya keys and per-module alpha, for ComfyUI and A1111\n"
+                 if teacher.backbone.kohya_prefix else "")
+        files = (f"- `{LORA_FILE}`: diffusers / peft LoRA (`pipe.load_lora_weights`)\n{kohya}"
                  f"- `scheduler/`: the scheduler config the student needs (a base pipeline's default is wrong "
                  f"for few steps)\n")
     else:
-        load = f'pipe = {pipe_cls}.from_pretrained("{path}")'
-        files = "- a complete diffusers pipeline folder with the student UNet and its scheduler\n"
+        load = f'pipe = {pipe_cls}.from_pretrained("{path}"{load_kwargs})'
+        files = (f"- a complete diffusers pipeline folder with the student {teacher.backbone.component} and its "
+                 "scheduler\n")
     timesteps = (spec.timesteps or {}).get(steps)
+    sigmas = (spec.sigmas or {}).get(steps)
     call = f"num_inference_steps={steps}"
-    if timesteps and _own_timesteps(spec, steps) != [int(t) for t in timesteps]:
+    if sigmas:  # a flow student: its exported scheduler's own grid is generally not the trained sigmas
+        if _own_sigmas(spec, steps) != [float(s) for s in sigmas]:
+            call = f"sigmas={[float(s) for s in sigmas]}"
+    elif timesteps and _own_timesteps(spec, steps) != [int(t) for t in timesteps]:
         call = f"timesteps={[int(t) for t in timesteps]}"  # the scheduler's own grid is not what the student learned
     return f"""---
 library_name: diffusers
@@ -138,8 +148,8 @@ base_model: {teacher.model_id}
 # {name}: a {steps}-step student of `{teacher.model_id}`
 
 Distilled with [stepdistill](https://pypi.org/project/stepdistill/) (objective: `{spec.objective}`).
-Sample it with `{spec.scheduler_class}`, {steps} steps{f' (timesteps {timesteps})' if timesteps else ''}, guidance
-scale {g}.
+Sample it with `{spec.scheduler_class}`, {steps} steps{f' (timesteps {timesteps})' if timesteps else ''}{f' (sigmas {sigmas})' if sigmas else ''},
+guidance scale {g}.
 
 ## Files
 {files}- `{SPEC_FILE}`: the sampling spec (scheduler, steps, timesteps, guidance) that `stepdistill sample` and
@@ -164,6 +174,16 @@ def _own_timesteps(spec: SamplingSpec, steps: int) -> list[int] | None:
         return scheduler_timesteps(spec.scheduler_class, spec.scheduler_config, steps)
     except StepdistillError:
         return None
+
+
+def _own_sigmas(spec: SamplingSpec, steps: int) -> list[float] | None:
+    """The sigmas (without the final 0) the exported scheduler picks by itself for `steps` steps."""
+    sched = make_scheduler(spec)
+    try:
+        sched.set_timesteps(steps)
+    except ValueError:
+        return None
+    return [float(s) for s in sched.sigmas[:-1]]
 
 
 def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.PathLike | None = None,
@@ -201,15 +221,15 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.Path
     if not weights.is_file():
         raise StepdistillError(f"weights '{weights}' not found; give a checkpoint folder that holds "
                                "model.safetensors (RUN/checkpoints/checkpoint-N)")
-    teacher = load_teacher(cfg.model, device)
-    unet = build_student(teacher, cfg.student)
+    teacher = load_teacher(cfg.model, device).at_resolution(cfg.data.resolution)
+    net = build_student(teacher, cfg.student)
     try:
         state = load_file(str(weights))
     except Exception as err:
         raise StepdistillError(f"weights '{weights}' are corrupt ({err})") from None
-    load_trainable_state_dict(unet, state, f"weights '{weights}'")
+    load_trainable_state_dict(net, state, f"weights '{weights}'")
     import json
 
     spec = SamplingSpec.from_json(json.loads((run_dir / "sampling_spec.json").read_text()))
     fmt = default_format(cfg.student.type) if fmt == "auto" else fmt
-    return export_student(teacher, unet, spec, fmt, out or run_dir / "export", cfg.student.type, cfg.name)
+    return export_student(teacher, net, spec, fmt, out or run_dir / "export", cfg.student.type, cfg.name)

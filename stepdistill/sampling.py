@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import StepdistillError
-from .models import read_pipeline_class
+from .backbones import backbone_for_pipeline
+from .models import absent_components, read_pipeline_class
 from .utils import bundled_path, load_error_line
 
 SPEC_FILE = "stepdistill.json"
@@ -35,6 +36,7 @@ class SamplingSpec:
     scheduler_config: dict
     num_inference_steps: int
     timesteps: dict[int, list[int]] | None = None  # explicit timesteps per step count, where the student needs them
+    sigmas: dict[int, list[float]] | None = None  # flow students: explicit sigmas per step count (set_timesteps(sigmas=))
     guidance_scale: float = 1.0  # pipeline guidance_scale (1 = no CFG)
     lora_scale: float = 1.0
     base_model: str | None = None  # LoRA exports: the base pipeline
@@ -54,6 +56,8 @@ class SamplingSpec:
         d = dataclasses.asdict(self)
         if self.timesteps is not None:
             d["timesteps"] = {str(k): [int(t) for t in v] for k, v in self.timesteps.items()}
+        if self.sigmas is not None:
+            d["sigmas"] = {str(k): [float(s) for s in v] for k, v in self.sigmas.items()}
         return d
 
     @classmethod
@@ -62,7 +66,18 @@ class SamplingSpec:
         d = {k: v for k, v in d.items() if k in known}
         if d.get("timesteps") is not None:
             d["timesteps"] = {int(k): [int(t) for t in v] for k, v in d["timesteps"].items()}
+        if d.get("sigmas") is not None:
+            d["sigmas"] = {int(k): [float(s) for s in v] for k, v in d["sigmas"].items()}
         return cls(**d)
+
+    def explicit_schedule(self, steps: int) -> dict:
+        """The pipeline kwargs that fix the student's own steps for `steps` steps ({"sigmas": ...} for a flow
+        student, {"timesteps": ...} for a VP one), or {} where the scheduler's own grid is used."""
+        if (self.sigmas or {}).get(steps) is not None:
+            return {"sigmas": list(self.sigmas[steps])}
+        if (self.timesteps or {}).get(steps) is not None:
+            return {"timesteps": list(self.timesteps[steps])}
+        return {}
 
     @classmethod
     def read(cls, folder: str) -> "SamplingSpec":
@@ -72,6 +87,32 @@ class SamplingSpec:
                 return cls.from_json(json.load(f))
         except (json.JSONDecodeError, TypeError) as err:
             raise StepdistillError(f"'{path}' is corrupt ({err}); re-export the student") from None
+
+
+# the VP samplers a student spec may name, and whether their flow counterpart re-noises between steps
+FLOW_EQUIVALENT = {"LCMScheduler": True, "EulerDiscreteScheduler": False, "DDIMScheduler": False}
+
+
+def for_schedule(spec: SamplingSpec, schedule, teacher_scheduler_config: dict) -> SamplingSpec:
+    """The spec a student of this teacher is sampled with. Objectives describe their sampler on the VP grid
+    (LCM's re-noising, or deterministic DDIM / Euler steps, at explicit schedule times); on a flow teacher the
+    same sampler is FlowMatchEulerDiscreteScheduler through the same points: `stochastic_sampling=True` re-noises
+    each x0 prediction to the next sigma as LCMScheduler does, without it each step is the flow ODE's Euler step
+    (which is DDIM's), and its sigmas are the trained ones (the shift switched off in the exported config, so
+    they are used as given)."""
+    from .schedule import FlowSchedule
+
+    if not isinstance(schedule, FlowSchedule):
+        return spec
+    if spec.scheduler_class not in FLOW_EQUIVALENT or not spec.timesteps:
+        raise StepdistillError(f"no flow-matching sampler for a student spec of {spec.scheduler_class} without "
+                               "explicit timesteps")
+    stochastic = FLOW_EQUIVALENT[spec.scheduler_class]
+    sigmas = {n: schedule.sampling_sigmas(ts) for n, ts in spec.timesteps.items()}
+    extra = {**spec.extra, "trained_timesteps": spec.timesteps[spec.num_inference_steps]}
+    return dataclasses.replace(spec, scheduler_class="FlowMatchEulerDiscreteScheduler",
+                               scheduler_config=FlowSchedule.sampling_config(teacher_scheduler_config, stochastic),
+                               timesteps=None, sigmas=sigmas, extra=extra)
 
 
 def scheduler_class(name: str):
@@ -135,7 +176,7 @@ def _pipeline_class(folder: str):
 
 def _from_pretrained(model: str, dtype):
     cls = _pipeline_class(model)
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"torch_dtype": dtype, **absent_components(model)}
     if "safety_checker" in inspect.signature(cls.__init__).parameters:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
@@ -197,7 +238,8 @@ def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: s
         spec = SamplingSpec(format="pipeline", scheduler_class=type(pipe.scheduler).__name__,
                             scheduler_config=dict(pipe.scheduler.config), num_inference_steps=25, guidance_scale=7.5)
     if scheduler is not None:
-        spec = dataclasses.replace(spec, scheduler_class=scheduler_class(scheduler).__name__, timesteps=None)
+        spec = dataclasses.replace(spec, scheduler_class=scheduler_class(scheduler).__name__, timesteps=None,
+                                   sigmas=None)
     if guidance_scale is not None:
         spec = dataclasses.replace(spec, guidance_scale=guidance_scale)
     pipe.scheduler = make_scheduler(spec)
@@ -229,21 +271,26 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
     if steps < 1:
         raise StepdistillError(f"the number of sampling steps must be at least 1, got {steps}")
     g = spec.guidance_scale if guidance_scale is None else guidance_scale
-    size = spec.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    backbone = backbone_for_pipeline(type(pipe).__name__)
+    net = getattr(pipe, backbone.component) if backbone else pipe.unet
+    size = spec.resolution or net.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
     kwargs = {"num_inference_steps": steps}
-    explicit = (spec.timesteps or {}).get(steps)
-    if explicit is not None and "timesteps" in inspect.signature(pipe.scheduler.set_timesteps).parameters:
-        kwargs = {"timesteps": explicit}
+    explicit = spec.explicit_schedule(steps)
+    if explicit and all(k in inspect.signature(pipe.scheduler.set_timesteps).parameters for k in explicit):
+        kwargs = explicit
     else:  # a step count the scheduler refuses stops here, in one line (the pipeline sets them again)
         set_timesteps_checked(pipe.scheduler, steps)
     device = pipe.device
     images = []
     for i in range(0, len(prompts), batch_size):
         gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        channels = backbone.latent_channels(net) if backbone else net.config.in_channels
         latents = torch.stack([
-            torch.randn((pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
-                        generator=gen) for gen in gens]).to(device=device, dtype=pipe.unet.dtype)
+            torch.randn((channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+                        generator=gen) for gen in gens]).to(device=device, dtype=net.dtype)
+        if backbone:
+            latents = backbone.pipeline_latents(latents)  # e.g. Flux takes its latents packed
         # each image's generator, past its starting noise, also draws the noise multistep samplers add between
         # steps (LCM, DDPM, ancestral): else that comes from the global RNG and a seed fixes nothing
         with scheduler_warnings_off():  # explicit timesteps are the student's own, not a mistake to warn about

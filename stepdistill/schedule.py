@@ -1,6 +1,9 @@
 """Noise schedules: one object that knows alpha(t), sigma(t) and converts between parameterizations.
 
-Every process here is x_t = alpha(t) * x0 + sigma(t) * eps. The network output is one of
+Every process here is x_t = alpha(t) * x0 + sigma(t) * eps, with t the *schedule time* objectives use: the
+training grid 0..T-1 (T - 1 the noisiest point, -1 the clean end). A VP schedule's t is diffusers' integer
+timestep; a flow schedule maps t to sigma through its (shifted) training table, and `timestep(t)` gives the
+float sigma * T that its scheduler and pipeline hand the network. The network output is one of
   "epsilon"       eps
   "sample"        x0
   "v_prediction"  v = alpha * eps - sigma * x0            (variance preserving: alpha^2 + sigma^2 = 1)
@@ -29,6 +32,10 @@ class NoiseSchedule:
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the teacher's diffusers scheduler gives the pipeline at schedule time t."""
+        return t
 
     # --- forward process ---------------------------------------------------------------------------------
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -124,11 +131,14 @@ class VPSchedule(NoiseSchedule):
 class FlowSchedule(NoiseSchedule):
     """Rectified flow (SD3 / Flux / SANA), exactly as diffusers' FlowMatchEulerDiscreteScheduler.
 
-    x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0, and its timestep is diffusers' float
-    t = sigma * T: `alpha_sigma(t)`, `add_noise` and the conversions take that t. Two sigma grids exist:
+    x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0, and the timestep it is given is
+    diffusers' float sigma * T. Two sigma grids exist:
       training   sigma(u), u on the uniform grid 1..T: the static shift  shift*s / (1 + (shift-1)*s), s = u / T
-                 (scheduler.sigmas after construction; unshifted when use_dynamic_shifting)
+                 (scheduler.sigmas after construction), or with use_dynamic_shifting the shift by `mu` (the
+                 training resolution's, `at_resolution`) that the family's pipeline applies at that size
       inference  sigmas_for_inference(n, ...): set_timesteps' table, shifted by `shift` or by mu (resolution)
+    Schedule time t (what objectives draw, 0..T-1) is the training grid's u - 1: t = T - 1 is sigma = 1 (pure
+    noise), t = -1 is sigma 0 (clean); `alpha_sigma(t)`, `add_noise` and the conversions take that t.
     """
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, *, use_dynamic_shifting: bool = False,
@@ -144,6 +154,7 @@ class FlowSchedule(NoiseSchedule):
         self.shift_terminal = shift_terminal
         self.stochastic_sampling = stochastic_sampling  # which step the teacher's sampler takes
         self.prediction_type = "flow"
+        self.train_mu: float | None = None  # dynamic shifting: the shift of the training resolution
         # the ends of the training table bound set_timesteps' default grid (so with a static shift, twice shifted)
         self.sigma_max, self.sigma_min = self.sigma(self.num_train_timesteps).item(), self.sigma(1).item()
 
@@ -165,12 +176,38 @@ class FlowSchedule(NoiseSchedule):
     def sigma(self, u) -> torch.Tensor:
         """Training sigma of uniform time u in [0, T] (diffusers' construction; float32 as there, so exact)."""
         s = torch.as_tensor(u).float() / self.num_train_timesteps
-        return s if self.dynamic else self.shift * s / (1 + (self.shift - 1) * s)
+        if not self.dynamic:
+            return self.shift * s / (1 + (self.shift - 1) * s)
+        if self.train_mu is None:
+            return s  # the scheduler's own (unshifted) training table
+        m = math.exp(self.train_mu) if self.time_shift_type == "exponential" else self.train_mu
+        return torch.where(s > 0, m / (m + (1 / s - 1)), s)
+
+    def at_resolution(self, image_seq_len: int) -> "FlowSchedule":
+        """With use_dynamic_shifting, train at the shift the family's pipeline samples this token count with."""
+        if self.dynamic:
+            self.train_mu = self.mu(image_seq_len)
+        return self
 
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # t = sigma * T (t = 0 is clean); t / T can be 1 ulp off the table's sigma when t itself was rounded
-        sig = torch.as_tensor(t).float() / self.num_train_timesteps
+        sig = self.sigma(torch.as_tensor(t).float() + 1).clamp(0, 1)
         return 1 - sig, sig
+
+    def timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma * T, float32, as the scheduler's timesteps."""
+        return self.sigma(torch.as_tensor(t).float() + 1).clamp(0, 1) * self.num_train_timesteps
+
+    def sampling_sigmas(self, t) -> list[float]:
+        """The sigmas of schedule times `t`: given to `set_timesteps(sigmas=...)` of a scheduler with
+        `sampling_config`, it steps exactly through them (timesteps sigma * T, as in training)."""
+        return [float(v) for v in self.sigma(torch.as_tensor(t).float() + 1).clamp(0, 1)]
+
+    @staticmethod
+    def sampling_config(config: dict, stochastic: bool) -> dict:
+        """The teacher's scheduler config with its shift switched off (shift 1, no dynamic or terminal shift), so
+        that explicit sigmas are used as given, and the multistep re-noising of `stochastic`."""
+        return {**dict(config), "shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
+                "stochastic_sampling": bool(stochastic)}
 
     def mu(self, image_seq_len: int) -> float:
         """Resolution-dependent shift: linear in the token count (diffusers pipelines' calculate_shift)."""

@@ -94,11 +94,11 @@ class Trainer:
 
             diffusers.utils.logging.disable_progress_bar()
             transformers.utils.logging.disable_progress_bar()
-        self.teacher = load_teacher(cfg.model, self.device)
-        check_resolution(cfg.data.resolution, self.teacher.vae, self.teacher.unet)
+        self.teacher = load_teacher(cfg.model, self.device).at_resolution(cfg.data.resolution)
+        check_resolution(cfg.data.resolution, self.teacher, self.teacher.net)
         self.student = build_student(self.teacher, cfg.student)
-        if self.student is not self.teacher.unet:  # a small student may downsample more
-            check_resolution(cfg.data.resolution, self.teacher.vae, self.student)
+        if self.student is not self.teacher.net:  # a small student may downsample more
+            check_resolution(cfg.data.resolution, self.teacher, self.student)
         objective_cls = get_objective(cfg.objective.name)
         options = objective_cls.parse_options(cfg.objective.options)
         self.setup = DistillSetup(self.teacher, self.student, cfg.student.type, tc.lr, cfg.data.resolution, self.device,
@@ -209,7 +209,7 @@ class Trainer:
             vae = self.teacher.vae
             with torch.no_grad():
                 dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-                latents = dist.sample(generator=gen).float() * self.teacher.latent_scale
+                latents = self.teacher.to_latents(dist.sample(generator=gen).float())
         return Batch(prompts, cond, uncond, latents)
 
     def _encode_cached(self, prompts: list[str]):
@@ -569,22 +569,22 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         from .sampling import generate, make_scheduler
-        from .export import pipeline_with_unet
+        from .export import pipeline_with_net
 
         spec = self.objective.sampling_spec()
         prompts = self.cfg.train.sample_prompts or _default_prompts(self.data)
-        unet = self.student_for_export()
-        was_training = unet.training
-        unet.eval()
-        pipe = pipeline_with_unet(self.teacher, unet, make_scheduler(spec))
+        net = self.student_for_export()
+        was_training = net.training
+        net.eval()
+        pipe = pipeline_with_net(self.teacher, net, make_scheduler(spec))
         pipe.set_progress_bar_config(disable=not self.cfg.train.progress)
-        # Under mixed precision accelerate has patched the UNet's forward to return fp32, so the latents reach
+        # Under mixed precision accelerate has patched the network's forward to return fp32, so the latents reach
         # the half-precision VAE as fp32 (seen on an H200: "Input type (float) and bias type (c10::Half)");
         # sampling under the same autocast as training matches them. A no-op without mixed precision.
         with self.accelerator.autocast():
             images = generate(pipe, spec, prompts, list(range(len(prompts))), height=self.cfg.data.resolution,
                               width=self.cfg.data.resolution)
-        unet.train(was_training)
+        net.train(was_training)
         path = self.run_dir / "samples" / f"step_{step:06d}_{spec.num_inference_steps}steps.png"
         save_image_atomic(image_grid(images), path)
         return path
@@ -610,15 +610,15 @@ class Trainer:
         from .export import export_student
         from .utils import atomic_directory
 
-        unet = self.student_for_export()
-        trained = trainable_state_dict(self.student)  # names of the trained weights; values from `unet`
-        values = dict(unet.named_parameters())
+        net = self.student_for_export()
+        trained = trainable_state_dict(self.student)  # names of the trained weights; values from `net`
+        values = dict(net.named_parameters())
         with atomic_directory(self.run_dir / "final") as tmp:
             save_file({k: values[k].detach().contiguous().cpu() for k in trained}, str(tmp / "student.safetensors"))
             atomic_write_json(tmp / "trainer_state.json", {**self.state.state_dict(), "replica_checksums": checksums})
         fmt = self._export_format()
         if fmt != "none":
-            out = export_student(self.teacher, unet, self.objective.sampling_spec(), fmt, self.run_dir / "export",
+            out = export_student(self.teacher, net, self.objective.sampling_spec(), fmt, self.run_dir / "export",
                                  student_type=self.cfg.student.type, name=self.cfg.name)
             acc.print(f"export ({fmt}): {out}")
         if self.stages and self.stages[-1].export:

@@ -76,7 +76,7 @@ def _build(path, name, **opts):
     cls = get_objective(name)
     obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(opts))
     with torch.no_grad():  # LoRA B starts at zero: perturb so that student and teacher differ
-        for n, p in teacher.unet.named_parameters():
+        for n, p in teacher.net.named_parameters():
             if ".student." in n or ".fake." in n:
                 p.add_(0.05 * torch.randn_like(p))
     return teacher, student, obj
@@ -120,7 +120,7 @@ def test_adversarial_generator_loss_and_gradient_match_hand_written(any_tiny_sd)
     gen = torch.Generator().manual_seed(7)
     t = ((0.1 + 0.4 * torch.rand(4, generator=gen)) * 999).round().long()
     x_t = _noised(ac, x0, t, torch.randn(4, 4, 8, 8, generator=gen))
-    feats = _teacher_features(teacher.unet, x_t, t, batch.cond.embeds, obj.taps)
+    feats = _teacher_features(teacher.net, x_t, t, batch.cond.embeds, obj.taps)
     text = batch.cond.embeds.mean(1)
     theirs = -torch.stack([h(f, text) for h, f in zip(obj.heads.heads, feats)]).mean()
     (g_theirs,) = torch.autograd.grad(theirs, x0)
@@ -149,7 +149,7 @@ def test_adversarial_discriminator_loss_matches_hand_written(any_tiny_sd, r1):
     t_s = torch.full((4,), 999)  # the one-step student's timestep, its raw output (eps or v) converted by hand
     assert obj.timesteps == [999]
     with torch.no_grad():
-        unet = teacher.unet
+        unet = teacher.net
         unet.enable_adapters()
         unet.set_adapter("student")
         raw = unet(z, t_s, encoder_hidden_states=batch.cond.embeds).sample
@@ -158,7 +158,7 @@ def test_adversarial_discriminator_loss_matches_hand_written(any_tiny_sd, r1):
     t = ((0.5 * torch.rand(4, generator=gen)) * 999).round().long().repeat(2)
     x_t = _noised(ac, torch.cat([batch.latents, fake]), t, torch.randn(8, 4, 8, 8, generator=gen))
     with torch.no_grad():
-        feats = _teacher_features(teacher.unet, x_t, t, torch.cat([batch.cond.embeds] * 2), obj.taps)
+        feats = _teacher_features(teacher.net, x_t, t, torch.cat([batch.cond.embeds] * 2), obj.taps)
     text = torch.cat([batch.cond.embeds] * 2).mean(1)
     feats = [f.requires_grad_(r1 == "exact") for f in feats]
     logits = torch.stack([h(f, text) for h, f in zip(obj.heads.heads, feats)])
@@ -183,7 +183,7 @@ def test_gradient_scopes_student_and_discriminator(tiny_sd):
     obj.losses("student", batch, torch.Generator().manual_seed(0))["loss"].backward()
     assert all(p.grad is None for p in head_params)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student_params)
-    assert all(p.grad is None for n, p in teacher.unet.named_parameters() if ".student." not in n)
+    assert all(p.grad is None for n, p in teacher.net.named_parameters() if ".student." not in n)
     for p in student_params:
         p.grad = None
     obj.losses("disc", batch, torch.Generator().manual_seed(0))["loss"].backward()

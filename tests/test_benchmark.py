@@ -95,7 +95,7 @@ def test_gradient_checkpointing_recomputes_under_the_forward_adapter(tiny_sd, tm
         cfg = _dmd_config(tiny_sd, tmp_path / checkpointing, **{"objective.options.gan_weight": 0.0,
                                                                    "objective.options.ttur": 1})
         trainer = Trainer(cfg)
-        unet = trainer.teacher.unet
+        unet = trainer.teacher.net
         if checkpointing == "ours":
             from stepdistill.denoiser import enable_gradient_checkpointing
 
@@ -174,7 +174,7 @@ def test_lora_student_on_its_own_base(tiny_sd, tmp_path):
     from stepdistill.trainer import Trainer
 
     trainer = Trainer(run_config(tiny_sd, tmp_path / "run", **{"student.share_base": False}))
-    assert trainer.student is not trainer.teacher.unet
-    assert not getattr(trainer.teacher.unet, "_hf_peft_config_loaded", False)  # the teacher holds no adapter
+    assert trainer.student is not trainer.teacher.net
+    assert not getattr(trainer.teacher.net, "_hf_peft_config_loaded", False)  # the teacher holds no adapter
     trainer._train_step()
     trainer.close()

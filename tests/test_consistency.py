@@ -81,7 +81,7 @@ def test_consistency_lora_loss_and_grads_match_hand_written(any_tiny_sd):
     params = [p for p in student.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
 
-    unet = teacher.unet
+    unet = teacher.net
 
     def student_call(x, t, emb, w):  # LoRA student: adapters on
         unet.enable_adapters()
@@ -123,7 +123,7 @@ def test_consistency_full_student_with_guidance_embedding_uses_ema_target(tiny_s
 
     call = lambda net: (lambda x, t, emb, w: net(x, t, encoder_hidden_states=emb,  # noqa: E731
                                                   timestep_cond=guidance_scale_embedding(w, 32)).sample)
-    ref = _hand_written_lcm_loss(teacher.unet, call(student), call(obj.ema.shadow), tiny_sd, batch,
+    ref = _hand_written_lcm_loss(teacher.net, call(student), call(obj.ema.shadow), tiny_sd, batch,
                                  torch.Generator().manual_seed(3), OPTS)
     assert abs(loss.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
     # the EMA target moves towards the student after an update

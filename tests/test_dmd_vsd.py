@@ -22,7 +22,7 @@ def _objective(teacher_path, name, student_type="lora", **opts):
     cls = get_objective(name)
     obj = cls(DistillSetup(teacher, student, student_type, 1e-4, 32, torch.device("cpu")), cls.parse_options(opts))
     with torch.no_grad():  # LoRA B starts at zero: perturb so student, fake score and teacher all differ
-        for n, p in teacher.unet.named_parameters():
+        for n, p in teacher.net.named_parameters():
             if ".fake." in n or ".student." in n:
                 p.add_(0.05 * torch.randn_like(p))
     return teacher, student, obj
@@ -82,7 +82,7 @@ def test_dmd_generator_gradient_matches_hand_written(any_tiny_sd, student_type):
     out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(7))
     (grad_x0,) = torch.autograd.grad(out["loss"], x0)
 
-    t, x_t, a, s, (x0_real, _), (x0_fake, _) = _hand_written_x_t_and_scores(any_tiny_sd, teacher.unet, batch, x0,
+    t, x_t, a, s, (x0_real, _), (x0_fake, _) = _hand_written_x_t_and_scores(any_tiny_sd, teacher.net, batch, x0,
                                                                             torch.Generator().manual_seed(7), w)
     x0d = x0.detach()
     grad = (x0_fake - x0_real) / (x0d - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
@@ -101,7 +101,7 @@ def test_vsd_generator_gradient_matches_hand_written(any_tiny_sd, student_type):
     out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(9))
     (grad_x0,) = torch.autograd.grad(out["loss"], x0)
 
-    t, x_t, a, s, (_, eps_real), (_, eps_fake) = _hand_written_x_t_and_scores(any_tiny_sd, teacher.unet, batch, x0,
+    t, x_t, a, s, (_, eps_real), (_, eps_fake) = _hand_written_x_t_and_scores(any_tiny_sd, teacher.net, batch, x0,
                                                                               torch.Generator().manual_seed(9), w)
     grad = (s**2) * (eps_real - eps_fake)  # w(t) = 1 - alpha_bar_t
     expected = grad / x0.numel()
@@ -195,13 +195,13 @@ def test_fake_score_update_with_gan_head_matches_hand_written(any_tiny_sd):
     gen = torch.Generator().manual_seed(5)  # the objective's draws, in its order
     z, t_student = torch.randn(4, 4, 8, 8, generator=gen), torch.full((4,), 999)  # one-step student: x_T at 999
     with torch.no_grad():
-        x0, _ = hand_x0_eps(_raw_unet(teacher.unet, "student")(z, t_student, batch.cond.embeds), z, a(t_student),
+        x0, _ = hand_x0_eps(_raw_unet(teacher.net, "student")(z, t_student, batch.cond.embeds), z, a(t_student),
                             s(t_student), prediction_type)
     t = torch.randint(0, 1000, (4,), generator=gen)
     eps = torch.randn(x0.shape, generator=gen)
     t_d = torch.randint(20, 300 + 1, (4,), generator=gen).repeat(2)  # disc_t_max 0.3
     noise_d = torch.randn((8, *x0.shape[1:]), generator=gen)
-    fake = _raw_unet(teacher.unet, "fake")
+    fake = _raw_unet(teacher.net, "fake")
     x_t = noised(x0, eps, t)
     _, eps_fake = hand_x0_eps(fake(x_t, t, batch.cond.embeds), x_t, a(t), s(t), prediction_type)
     dsm = ((eps_fake - eps) ** 2).mean()
@@ -246,10 +246,10 @@ def _assert_exported_sampling_matches(teacher, student, spec, student_x0_from_no
     noise: image i's generator (seeded with seed i) draws its x_T, then any re-noising between steps."""
     import numpy as np
 
-    from stepdistill.export import pipeline_with_unet
+    from stepdistill.export import pipeline_with_net
     from stepdistill.sampling import generate, make_scheduler
 
-    pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
+    pipe = pipeline_with_net(teacher, student, make_scheduler(spec))
     pipe.set_progress_bar_config(disable=True)
     prompts, seeds = ["a red circle", "a blue square"], [11, 12]
     images = generate(pipe, spec, prompts, seeds)

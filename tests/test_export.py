@@ -32,9 +32,10 @@ def _unet_out(unet, cond, adapter_on=True):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([999, 499])
-    kwargs = cond.unet_kwargs()
-    with torch.no_grad():
-        return unet(x, t, **kwargs).sample
+    from stepdistill.backbones import UNetBackbone
+
+    with torch.no_grad():  # the UNet's own call, SDXL's added conditions included
+        return UNetBackbone().predict(unet, unet, x, t, cond, None)
 
 
 def _targets_mix_attention_and_conv(unet):

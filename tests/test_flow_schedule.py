@@ -101,14 +101,20 @@ def test_per_sample_sigmas_step_each_sample_by_its_own_sigma():
 
 
 @pytest.mark.parametrize("case", ["sd3", "flux-1024px"])
-def test_add_noise_matches_scale_noise(case):
-    (_, timesteps), ref = both_tables(case, 8, "flux" if CASES[case][1] else "sd3")
-    sched = FlowSchedule.from_scheduler_config(ref.config)
+def test_schedule_time_is_the_training_table(case):
+    """Schedule time t (what objectives draw, 0..T-1) is entry T-1-t of the scheduler's training table: the same
+    timestep handed to the network, and add_noise equal to scale_noise there (t = T-1 is pure noise)."""
+    train = reference(CASES[case][0])
+    sched = FlowSchedule.from_scheduler_config(train.config)
+    T = sched.num_train_timesteps
+    t = torch.randint(0, T, (8,), generator=torch.Generator().manual_seed(0))
+    t[0] = T - 1
+    assert torch.equal(sched.timestep(t), train.timesteps[T - 1 - t])
     x0, eps = torch.randn(8, 4, 8, 8), torch.randn(8, 4, 8, 8)
-    assert torch.allclose(sched.add_noise(x0, eps, timesteps), ref.scale_noise(x0, timesteps, eps), atol=1e-6, rtol=0)
-    train = reference(CASES[case][0])  # the training table: timesteps as diffusers' training scripts draw them
-    t = train.timesteps[torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(0))]
-    assert torch.allclose(sched.add_noise(x0, eps, t), train.scale_noise(x0, t, eps), atol=1e-6, rtol=0)
+    assert torch.allclose(sched.add_noise(x0, eps, t), train.scale_noise(x0, train.timesteps[T - 1 - t], eps),
+                          atol=1e-6, rtol=0)
+    assert torch.equal(sched.add_noise(x0, eps, t)[0], eps[0])  # sigma 1
+    assert torch.equal(sched.add_noise(x0, eps, torch.tensor([-1]).expand(8))[0], x0[0])  # t = -1 is clean
 
 
 @pytest.mark.parametrize("kind", ["flow", "epsilon", "sample"])
@@ -128,10 +134,12 @@ def test_conversions_round_trip(kind):
 def test_ddim_step_is_the_euler_step_and_its_x0_target_inverts_it():
     sched = FlowSchedule(shift=3.0)
     x_t, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    t, t_next = torch.tensor([800.0, 800.0]), torch.tensor([300.0, 0.0])
+    t, t_next = torch.tensor([800.0, 800.0]), torch.tensor([300.0, -1.0])
     x0, eps = sched.to_x0_eps(v, x_t, t)
     x_next = sched.ddim_step(x0, eps, t_next)
-    assert torch.allclose(x_next, sched.euler_step(x_t, v, 0.8, t_next / 1000), atol=1e-5)
+    sigma, sigma_next = sched.alpha_sigma(t)[1], sched.alpha_sigma(t_next)[1]
+    assert sigma_next[1] == 0
+    assert torch.allclose(x_next, sched.euler_step(x_t, v, sigma, sigma_next), atol=1e-5)
     assert torch.allclose(sched.ddim_x0_target(x_t, t, x_next, t_next), x0, atol=1e-4)
 
 

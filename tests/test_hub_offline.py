@@ -14,9 +14,9 @@ CHECK = textwrap.dedent("""
 
     out = {}
     main = load_teacher(ModelConfig(teacher="org/tiny-sd"))
-    out["main"] = [main.pipeline_class, float(next(main.unet.parameters()).flatten()[0])]
+    out["main"] = [main.pipeline_class, float(next(main.net.parameters()).flatten()[0])]
     v2 = load_teacher(ModelConfig(teacher="org/tiny-sd", revision="v2", variant="fp16"))
-    out["v2"] = [v2.pipeline_class, float(next(v2.unet.parameters()).flatten()[0])]
+    out["v2"] = [v2.pipeline_class, float(next(v2.net.parameters()).flatten()[0])]
     try:
         load_teacher(ModelConfig(teacher="org/not-cached"))
     except StepdistillError as err:

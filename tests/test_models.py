@@ -14,7 +14,7 @@ def test_prompt_encoder_matches_pipeline_encode_prompt(tiny_sd, tiny_sdxl):
         teacher = load_teacher(ModelConfig(teacher=path), "cpu")
         pipe = getattr(diffusers, teacher.pipeline_class)(**teacher.components)
         cond = teacher.prompt_encoder(prompts, 32)
-        if teacher.family == "sd":
+        if teacher.pipeline_class == "StableDiffusionPipeline":
             ref, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
             assert torch.allclose(cond.embeds, ref, atol=1e-6)
         else:
@@ -27,9 +27,9 @@ def test_prompt_encoder_matches_pipeline_encode_prompt(tiny_sd, tiny_sdxl):
 
 def test_lora_student_shares_the_teacher_weights(tiny_sd):
     teacher = load_teacher(ModelConfig(teacher=tiny_sd), "cpu")
-    frozen = {n: p.clone() for n, p in teacher.unet.named_parameters()}
+    frozen = {n: p.clone() for n, p in teacher.net.named_parameters()}
     student = build_student(teacher, StudentConfig(type="lora", lora_rank=4))
-    assert student is teacher.unet  # one copy of the base weights
+    assert student is teacher.net  # one copy of the base weights
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora" in n for n in trainable)
     with torch.no_grad():
@@ -45,7 +45,7 @@ def test_lora_student_shares_the_teacher_weights(tiny_sd):
     # a fresh teacher with the original weights gives the adapter-off output
     fresh = load_teacher(ModelConfig(teacher=tiny_sd), "cpu")
     with torch.no_grad():
-        ref = fresh.unet(x, t, encoder_hidden_states=emb).sample
+        ref = fresh.net(x, t, encoder_hidden_states=emb).sample
     assert torch.allclose(as_teacher, ref, atol=1e-6) and not torch.allclose(as_student, ref, atol=1e-3)
     # switching to the teacher keeps the student's parameters trainable
     assert all(p.requires_grad for n, p in student.named_parameters() if n in trainable)
@@ -56,16 +56,16 @@ def test_lora_student_shares_the_teacher_weights(tiny_sd):
 def test_full_student_is_a_separate_fp32_copy_and_guidance_embedding_starts_as_teacher(tiny_sd):
     teacher = load_teacher(ModelConfig(teacher=tiny_sd), "cpu")
     student = build_student(teacher, StudentConfig(type="full", guidance_embedding=True, guidance_embedding_dim=32))
-    assert student is not teacher.unet and student.config.time_cond_proj_dim == 32
+    assert student is not teacher.net and student.config.time_cond_proj_dim == 32
     assert all(p.requires_grad for p in student.parameters())
-    assert not any(p.requires_grad for p in teacher.unet.parameters())
+    assert not any(p.requires_grad for p in teacher.net.parameters())
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 900])
     emb = teacher.prompt_encoder(["red", "blue"]).embeds
     from stepdistill.denoiser import guidance_scale_embedding
 
     with torch.no_grad():
         a = student(x, t, encoder_hidden_states=emb, timestep_cond=guidance_scale_embedding(torch.tensor([3.0, 7.0]), 32)).sample
-        b = teacher.unet(x, t, encoder_hidden_states=emb).sample
+        b = teacher.net(x, t, encoder_hidden_states=emb).sample
     assert torch.allclose(a, b, atol=1e-5)
 
 

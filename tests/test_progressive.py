@@ -108,7 +108,7 @@ def test_round_loss_and_gradients_match_hand_written(tiny_sd, tiny_sd_v, predict
     ours.backward()
     g_ours = _grads(student)
     student.zero_grad(set_to_none=True)
-    theirs = _hand_written_round_loss(path, prediction, teacher.unet, student, batch, batch.latents, noise, k, 4, 3.0)
+    theirs = _hand_written_round_loss(path, prediction, teacher.net, student, batch, batch.latents, noise, k, 4, 3.0)
     theirs.backward()
     g_theirs = _grads(student)
     assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7), (float(ours), float(theirs))
@@ -167,8 +167,8 @@ def test_guided_stage_matches_hand_written_and_exports_embedded_guidance(tiny_sd
     a, s = ac.sqrt().float().reshape(-1, 1, 1, 1), (1 - ac).sqrt().float().reshape(-1, 1, 1, 1)
     z = a * batch.latents + s * noise
     with torch.no_grad():
-        c = teacher.unet(z, t, encoder_hidden_states=batch.cond.embeds).sample
-        u = teacher.unet(z, t, encoder_hidden_states=batch.uncond.embeds).sample
+        c = teacher.net(z, t, encoder_hidden_states=batch.cond.embeds).sample
+        u = teacher.net(z, t, encoder_hidden_states=batch.uncond.embeds).sample
         target = (z - s * (u + scale.reshape(-1, 1, 1, 1) * (c - u))) / a
     emb = guidance_scale_embedding(scale - 1.0, 16)  # what diffusers' pipelines feed: guidance_scale - 1
     pred = (z - s * student(z, t, encoder_hidden_states=batch.cond.embeds, timestep_cond=emb).sample) / a
@@ -183,7 +183,7 @@ def test_exported_student_samples_like_the_objective_rollout(tiny_sd):
     """The export's scheduler (Euler with explicit timesteps = DDIM) reproduces the training-time DDIM rollout."""
     import numpy as np
 
-    from stepdistill.export import pipeline_with_unet
+    from stepdistill.export import pipeline_with_net
     from stepdistill.sampling import generate, make_scheduler
 
     teacher, student, obj = _objective(tiny_sd, "full", start_steps=8, end_steps=1)
@@ -192,7 +192,7 @@ def test_exported_student_samples_like_the_objective_rollout(tiny_sd):
         spec = obj.sampling_spec()
         n = obj.student_steps
         assert spec.timesteps == {n: [grid_timestep(k, n, 1000) for k in range(n, 0, -1)]}
-        pipe = pipeline_with_unet(teacher, student, make_scheduler(spec))
+        pipe = pipeline_with_net(teacher, student, make_scheduler(spec))
         pipe.set_progress_bar_config(disable=True)
         prompts, seeds = ["a red circle", "a blue square"], [11, 12]
         images = generate(pipe, spec, prompts, seeds)

@@ -14,7 +14,7 @@ PROMPT = "a red circle"
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_dmd_spec_samples_the_trained_rollout(tmp_path, prediction_type, beta_schedule, timesteps):
     from stepdistill.config import ModelConfig, StudentConfig
-    from stepdistill.export import pipeline_with_unet
+    from stepdistill.export import pipeline_with_net
     from stepdistill.models import build_student, load_teacher
     from stepdistill.objectives import DistillSetup, get_objective
     from stepdistill.sampling import generate, make_scheduler, scheduler_timesteps
@@ -36,7 +36,7 @@ def test_dmd_spec_samples_the_trained_rollout(tmp_path, prediction_type, beta_sc
     if n == 1:  # on LCMScheduler's own grid: a plain num_inference_steps call is right
         assert own == timesteps
 
-    pipe = pipeline_with_unet(teacher, student.eval(), make_scheduler(spec))
+    pipe = pipeline_with_net(teacher, student.eval(), make_scheduler(spec))
     pipe.set_progress_bar_config(disable=True)
     image = np.asarray(generate(pipe, spec, [PROMPT], [7])[0]).astype(int)
 

@@ -8,7 +8,7 @@ import torch
 from conftest import run_config
 from stepdistill.config import ModelConfig, StudentConfig
 from stepdistill.errors import StepdistillError
-from stepdistill.models import build_student, load_teacher, small_unet
+from stepdistill.models import build_student, load_teacher, small_network
 
 SHAPES = "assets/shapes-teacher"
 # the architecture of configs/shapes/small_student_dmd2.yaml
@@ -36,7 +36,7 @@ def _small(teacher_path, architecture, **kwargs):
 
 def test_copied_tensors_equal_the_teachers_and_the_counts_add_up(tiny_sd):
     teacher, student = _small(tiny_sd, TINY_SMALL)
-    source, target = teacher.unet.state_dict(), student.state_dict()
+    source, target = teacher.net.state_dict(), student.state_dict()
     report = student.init_report
     fresh = set(report["fresh"])
     assert not report["fresh_truncated"] and report["fresh_tensors"] == len(fresh) > 0
@@ -50,7 +50,7 @@ def test_copied_tensors_equal_the_teachers_and_the_counts_add_up(tiny_sd):
     values = sum(v.numel() for v in target.values())
     assert report["copied_values"] + report["fresh_values"] == values
     assert report["copied_values"] == sum(target[k].numel() for k in copied)
-    assert report["student_parameters"] == _n_params(student) and report["teacher_parameters"] == _n_params(teacher.unet)
+    assert report["student_parameters"] == _n_params(student) and report["teacher_parameters"] == _n_params(teacher.net)
     assert "copied from the teacher" in report["summary"] and "down_blocks.1" in report["summary"]
     assert all(p.requires_grad and p.dtype == torch.float32 for p in student.parameters())
 
@@ -62,7 +62,7 @@ def test_fewer_layers_keep_the_first_layer_of_each_block_as_bk_sdm_does():
 
     torch.manual_seed(0)
     teacher = UNet2DConditionModel(**{**tiny_unet_config(32), "layers_per_block": 2})
-    student = small_unet(teacher, {"layers_per_block": 1})
+    student = small_network(teacher, {"layers_per_block": 1})
     assert [len(b.resnets) for b in student.down_blocks] == [1, 1] and [len(b.resnets) for b in student.up_blocks] == [2, 2]
     source = teacher.state_dict()
     for k, v in student.state_dict().items():
@@ -73,7 +73,7 @@ def test_fewer_layers_keep_the_first_layer_of_each_block_as_bk_sdm_does():
 
 def test_smaller_student_has_fewer_parameters_and_runs(tmp_path):
     teacher, student = _small(SHAPES, SHAPES_HALF)
-    n, n_teacher = _n_params(student), _n_params(teacher.unet)
+    n, n_teacher = _n_params(student), _n_params(teacher.net)
     assert (n, n_teacher) == (865_540, 1_539_204)  # the numbers in configs/shapes/small_student_dmd2.yaml
     assert student.mid_block is None and student.init_report["fresh_tensors"] == 0
     cond = teacher.prompt_encoder(["a small red circle", "a blue square"], 32)
@@ -111,7 +111,7 @@ def test_small_student_trains_and_exports_a_full_pipeline(tiny_sd, tmp_path, obj
     over = {"student.type": "small", "student.architecture": json.dumps(TINY_SMALL), "train.export": "auto",
             "train.batch_size": 2, "objective.name": objective, "objective.options": "{}", **opts}
     trainer = Trainer(run_config(tiny_sd, tmp_path / "run", **over))
-    teacher_unet = {k: v.clone() for k, v in trainer.teacher.unet.state_dict().items()}
+    teacher_unet = {k: v.clone() for k, v in trainer.teacher.net.state_dict().items()}
     trainer.train()
     run = tmp_path / "run"
     init = json.loads((run / "student_init.json").read_text())
@@ -149,7 +149,7 @@ def test_config_errors_are_one_line(tmp_path, overrides, message):
 
 
 @pytest.mark.parametrize("architecture,message", [
-    ({"layers_per_blok": 1}, "unknown UNet config key 'student.architecture.layers_per_blok' "
+    ({"layers_per_blok": 1}, "unknown UNet2DConditionModel config key 'student.architecture.layers_per_blok' "
                              r"\(did you mean 'layers_per_block'\?\)"),
     ({"cross_attention_dim": 64}, "'student.architecture.cross_attention_dim' must stay the teacher's"),
     ({"block_out_channels": [32]}, "student.architecture .* does not make a valid UNet2DConditionModel"),

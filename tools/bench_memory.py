@@ -59,19 +59,19 @@ def child(setup_name: str, teacher_path: str, batch_size: int, steps: int, devic
     opts = {"num_steps": 1, "fake_lora_rank": 16, "fake_lora_alpha": 16}
     cls = get_objective("dmd")
     if setup_name == "shared":
-        student = build_student(teacher, lora)  # the adapter goes on teacher.unet itself
+        student = build_student(teacher, lora)  # the adapter goes on teacher.net itself
         obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, dev), cls.parse_options(opts))
     elif setup_name == "separate":
-        student = copy.deepcopy(teacher.unet)
+        student = copy.deepcopy(teacher.net)
         add_lora(student, lora, "student")
-        fake_base = dataclasses.replace(teacher, unet=copy.deepcopy(teacher.unet))
+        fake_base = dataclasses.replace(teacher, net=copy.deepcopy(teacher.net))
         obj = cls(DistillSetup(fake_base, student, "lora", 1e-4, 32, dev), cls.parse_options(opts))
         obj.teacher = teacher.denoiser()  # the real score: the original frozen UNet (the fake has its own copy)
     else:
         student = build_student(teacher, StudentConfig(type="full"))
         obj = cls(DistillSetup(teacher, student, "full", 1e-4, 32, dev), cls.parse_options({**opts, "fake_score": "full"}))
     nets = obj.networks()
-    modules = {id(n.module): n.module for n in nets.values()} | {id(teacher.unet): teacher.unet}
+    modules = {id(n.module): n.module for n in nets.values()} | {id(teacher.net): teacher.net}
     storages = {}
     for m in modules.values():
         for p in m.parameters():

@@ -88,7 +88,7 @@ class Adversarial(NoiseToSample):
                                               o.feature_network_size).to(setup.device)
             self.taps = self.pixel.taps
         else:
-            self.taps = list(o.taps) if o.taps else default_feature_taps(self.teacher.unet)
+            self.taps = list(o.taps) if o.taps else default_feature_taps(self.teacher.module)
         with torch.no_grad():  # one dry pass: the maps' channels and sizes shape the heads
             empty = setup.teacher.prompt_encoder([""], setup.resolution)
             z = torch.zeros((1, *self.latent_shape), device=setup.device)
@@ -116,7 +116,7 @@ class Adversarial(NoiseToSample):
         """The teacher's features at x0 noised to t, or the feature network's of decoded x0 (gradients reach x0)."""
         if self.pixel is not None:
             vae = self.setup.teacher.vae
-            return self.pixel(vae.decode((x0 / self.setup.teacher.latent_scale).to(vae.dtype)).sample)
+            return self.pixel(vae.decode(self.setup.teacher.from_latents(x0).to(vae.dtype)).sample)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device) if gen is not None else torch.zeros_like(x0)
         return self.teacher.features(self.schedule.add_noise(x0, noise, t), t, cond, self.taps)
 

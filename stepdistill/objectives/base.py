@@ -147,6 +147,14 @@ class Objective:
         pass
 
     def sampling_spec(self) -> "SamplingSpec":
+        """How the student must be sampled: its `student_spec`, on the teacher's kind of scheduler."""
+        from ..sampling import for_schedule
+
+        teacher = self.setup.teacher
+        return for_schedule(self.student_spec(), teacher.schedule, teacher.scheduler_config)
+
+    def student_spec(self) -> "SamplingSpec":
+        """The student's sampler on the VP grid (LCM / DDIM / Euler at explicit schedule times)."""
         raise NotImplementedError
 
 

@@ -131,7 +131,7 @@ class Compose(Objective):
         for i, term in enumerate(self.terms):
             term.load_state_dict(state.get(str(i), {}))
 
-    def sampling_spec(self):
-        spec = self.sampler.sampling_spec()
+    def student_spec(self):
+        spec = self.sampler.student_spec()
         spec.objective = "+".join(self.labels)
         return spec

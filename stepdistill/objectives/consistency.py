@@ -119,9 +119,9 @@ class Consistency(Objective):
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
-    def sampling_spec(self):
+    def student_spec(self):
         o = self.opt
-        embedded = getattr(self.setup.student.config, "time_cond_proj_dim", None) is not None
+        embedded = self.student.takes_guidance
         guidance = o.sample_guidance if o.sample_guidance is not None else (1.0 + (o.w_min + o.w_max) / 2 if embedded else 1.0)
         config = dict(self.setup.teacher.scheduler_config)
         config.update(original_inference_steps=o.num_ddim_timesteps, timestep_scaling=o.timestep_scaling,

@@ -29,10 +29,8 @@ from ..errors import StepdistillError
 from ..losses import distribution_matching_surrogate, dmd_gradient, l2
 from .base import Batch, TrainedNetwork, register
 from .fake_score import DistributionMatching, FakeScoreOptions
-from ..denoiser import recording_features
 from .gan import DiscriminatorHead, frozen, gan_discriminator_loss, gan_generator_loss
 
-MID = ["mid_block"]  # DMD2's head reads the fake score's mid-block features
 
 
 # --- DMD / DMD2 --------------------------------------------------------------------------------------------------
@@ -79,9 +77,12 @@ class DMD(DistributionMatching):
         self.needs_images = o.gan_weight > 0 or (o.num_steps > 1 and not o.backward_simulation)
         self.disc = None
         if o.gan_weight > 0:
-            config = self.fake.unet.config
-            size = self.latent_shape[-1] // 2 ** (len(config.block_out_channels) - 1)  # the mid-block map
-            self.disc = DiscriminatorHead(config.block_out_channels[-1], o.disc_hidden, size).to(setup.device)
+            self.taps = self.fake.backbone.feature_taps(self.fake.module)[-1:]  # the deepest: a UNet's mid block
+            with torch.no_grad():  # one dry pass: the map's channels and size shape the head
+                z = torch.zeros((1, *self.latent_shape), device=setup.device)
+                f = self.fake.features(z, self._t(self.T // 2, 1, z.device),
+                                       setup.teacher.prompt_encoder([""], setup.resolution), self.taps)[0]
+            self.disc = DiscriminatorHead(f.shape[1], o.disc_hidden, f.shape[-1]).to(setup.device)
         self.disc_train = self.disc
 
     def networks(self):
@@ -124,7 +125,7 @@ class DMD(DistributionMatching):
             t_d = self.sample_t(b, gen, dev, o.disc_t_max)
             x_d = self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t_d)
             with frozen(list(self.disc.parameters()) + list(self.fake_params)):  # only x0 gets gradients
-                logits = self.disc(self.fake.features(x_d, t_d, batch.cond, MID)[0])
+                logits = self.disc(self.fake.features(x_d, t_d, batch.cond, self.taps)[0])
             out["gan_loss"] = gan_generator_loss(logits)
             loss = loss + o.gan_weight * out["gan_loss"]
         if o.regression_weight > 0:
@@ -141,24 +142,24 @@ class DMD(DistributionMatching):
         return self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t), t
 
     def disc_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """The discriminator head on the fake UNet's mid-block features of noised real images vs student samples."""
+        """The discriminator head on the fake score's deepest features (a UNet's mid block) of noised real images vs student samples."""
         x_t, t = self.disc_inputs(batch, self.sampler.draw_student(batch, gen, train=False).x0, gen)
         with torch.no_grad():
-            feats = self.fake.features(x_t, t, batch.cond.cat(batch.cond), MID)[0]
+            feats = self.fake.features(x_t, t, batch.cond.cat(batch.cond), self.taps)[0]
         real_logits, fake_logits = self.disc_train(feats).chunk(2)
         return {"loss": gan_discriminator_loss(real_logits, fake_logits),
                 "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
 
     def fake_loss_with_disc(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """DMD2's guidance update: denoising score matching + fake_disc_weight * the discriminator loss, whose
-        gradient reaches the fake UNet through the mid-block features (the head itself is frozen here and
+        gradient reaches the fake score through the tapped features (the head itself is frozen here and
         learns in its own update). One forward over both inputs: a DDP-wrapped fake score runs once per update."""
         x0, t, eps = self.fake_score_inputs(batch, gen)
         b = x0.shape[0]
         x_d, t_d = self.disc_inputs(batch, x0, gen)
         x_all = torch.cat([self.schedule.add_noise(x0, eps, t), x_d])
         cond = batch.cond.cat(batch.cond).cat(batch.cond)
-        with recording_features(self.fake.unet, MID) as mid, frozen(list(self.disc.parameters())):
+        with self.fake.recording(self.taps, x0.shape) as mid, frozen(list(self.disc.parameters())):
             x0_pred, eps_pred = self.fake_train.x0_eps(x_all, torch.cat([t, t_d]), cond)
             real_logits, fake_logits = self.disc(mid[0][b:]).chunk(2)
         dsm = self.score_matching_loss(x0_pred[:b], eps_pred[:b], x0, eps)

@@ -22,15 +22,15 @@ from .noise_student import NoiseStudentOptions, NoiseToSample, adapter_params
 FAKE_ADAPTER = "fake"
 
 
-def add_fake_adapter(unet, rank: int, alpha: float, targets: list[str] | None = None) -> None:
+def add_fake_adapter(net, rank: int, alpha: float, targets: list[str] | None = None) -> None:
     """Add the trainable "fake" LoRA adapter without disturbing the active adapter or its trainable flags
     (peft's add_adapter activates the new adapter and freezes the others)."""
     cfg = StudentConfig(type="lora", lora_rank=rank, lora_alpha=alpha)
     if targets:
         cfg.lora_targets = list(targets)
-    with adapter_state_kept(unet):
-        add_lora(unet, cfg, FAKE_ADAPTER)
-    for p in adapter_params(unet, FAKE_ADAPTER):
+    with adapter_state_kept(net):
+        add_lora(net, cfg, FAKE_ADAPTER)
+    for p in adapter_params(net, FAKE_ADAPTER):
         p.requires_grad_(True)
 
 
@@ -63,13 +63,13 @@ class DistributionMatching(NoiseToSample):
     def __init__(self, setup, options):
         super().__init__(setup, options)
         teacher, o = setup.teacher, options
-        if self.fake_type == "lora":  # one frozen base: the teacher's UNet (also the LoRA student's)
-            add_fake_adapter(teacher.unet, o.fake_lora_rank, o.fake_lora_alpha)
-            self.fake_module = teacher.unet
-            self.fake = Denoiser(teacher.unet, self.schedule, adapter=FAKE_ADAPTER)
-            self.fake_params = adapter_params(teacher.unet, FAKE_ADAPTER)
+        if self.fake_type == "lora":  # one frozen base: the teacher's network (also the LoRA student's)
+            add_fake_adapter(teacher.net, o.fake_lora_rank, o.fake_lora_alpha)
+            self.fake_module = teacher.net
+            self.fake = Denoiser(teacher.net, self.schedule, adapter=FAKE_ADAPTER)
+            self.fake_params = adapter_params(teacher.net, FAKE_ADAPTER)
         else:  # a full trainable copy of the teacher, without the student's adapter
-            fake = copy.deepcopy(teacher.unet).float()
+            fake = copy.deepcopy(teacher.net).float()
             if getattr(fake, "_hf_peft_config_loaded", False):
                 fake.unload_lora()
             self.fake_module = fake.requires_grad_(True).train()
@@ -83,7 +83,7 @@ class DistributionMatching(NoiseToSample):
 
     def use_wrapped(self, wrapped):
         super().use_wrapped(wrapped)
-        self.fake_train = Denoiser(wrapped["fake"], self.schedule, unet=self.fake.unet, adapter=self.fake.adapter)
+        self.fake_train = Denoiser(wrapped["fake"], self.schedule, module=self.fake.module, adapter=self.fake.adapter)
 
     def sample_t(self, b: int, gen: torch.Generator, device, t_max: float | None = None) -> torch.Tensor:
         t_max = self.opt.t_max if t_max is None else t_max

@@ -35,8 +35,8 @@ def default_student_timesteps(schedule, steps: int, max_amplification: float) ->
     return [t0 - i * (t0 + 1) // steps for i in range(steps)]
 
 
-def adapter_params(unet, adapter: str) -> list[torch.nn.Parameter]:
-    return [p for n, p in unet.named_parameters() if f".{adapter}." in n]
+def adapter_params(net, adapter: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in net.named_parameters() if f".{adapter}." in n]
 
 
 @dataclass
@@ -81,18 +81,16 @@ class NoiseToSample(Objective):
         if max(ts) >= self.T:
             raise StepdistillError(f"objective.options.student_timesteps must be < {self.T}")
         self._timesteps = [int(t) for t in ts]
-        if getattr(setup.student.config, "time_cond_proj_dim", None) is not None:
-            raise StepdistillError(f"objective '{self.name}' trains students without a guidance embedding; "
-                                   "set student.guidance_embedding=false")
         self.lora = setup.student_type == "lora"
         self.student = Denoiser(setup.student, self.schedule, adapter=STUDENT_ADAPTER if self.lora else None)
+        if self.student.takes_guidance:
+            raise StepdistillError(f"objective '{self.name}' trains students without a guidance embedding; "
+                                   "set student.guidance_embedding=false")
         self.student_params = adapter_params(setup.student, STUDENT_ADAPTER) if self.lora else None
         self.student_train = self.student
         self.sampler = self  # whose student samples the critics see: in a composition, its first term (compose sets it)
         self.teacher = teacher.denoiser()
-        vae = teacher.vae
-        size = setup.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_shape = (setup.student.config.in_channels, size, size)
+        self.latent_shape = teacher.latent_shape(setup.resolution)
 
     def networks(self) -> dict[str, TrainedNetwork]:
         return {"student": TrainedNetwork(self.setup.student, self.setup.lr, update_every=self.opt.ttur,
@@ -100,7 +98,7 @@ class NoiseToSample(Objective):
 
     def use_wrapped(self, wrapped):
         super().use_wrapped(wrapped)
-        self.student_train = Denoiser(wrapped["student"], self.schedule, unet=self.student.unet,
+        self.student_train = Denoiser(wrapped["student"], self.schedule, module=self.student.module,
                                       adapter=self.student.adapter)
 
     # --- the student as a sampler --------------------------------------------------------------------------
@@ -153,7 +151,7 @@ class NoiseToSample(Objective):
         return x
 
     # --- export ----------------------------------------------------------------------------------------------
-    def sampling_spec(self):
+    def student_spec(self):
         ts = self.timesteps
         n = len(ts)
         # LCMScheduler reproduces training exactly: x0 = the student's prediction (a large timestep_scaling makes

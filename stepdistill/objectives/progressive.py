@@ -86,14 +86,14 @@ class Progressive(Objective):
         if o.start_steps > self.T:
             raise StepdistillError(f"objective.options.start_steps must be <= {self.T} (the teacher's timesteps)")
         self.lora = setup.student_type == "lora"
-        embedded = getattr(setup.student.config, "time_cond_proj_dim", None) is not None
+        self.student = Denoiser(setup.student, self.schedule, adapter=STUDENT_ADAPTER if self.lora else None)
+        embedded = self.student.takes_guidance
         if o.guided and not embedded:
             raise StepdistillError("objective.options.guided=true needs a student with a guidance embedding: set "
                                    "student.type=full (or small) and student.guidance_embedding=true")
         if embedded and not o.guided:
             raise StepdistillError("a student with a guidance embedding trains with objective.options.guided=true")
         self.teacher = teacher.denoiser()
-        self.student = Denoiser(setup.student, self.schedule, adapter=STUDENT_ADAPTER if self.lora else None)
         self.student_train = self.student
         self._stages = self._plan()
         self.stage = 0
@@ -137,9 +137,9 @@ class Progressive(Objective):
             return
         with torch.no_grad():
             if self.lora:
-                copy_adapter(source, STUDENT_ADAPTER, self.target.unet, TARGET_ADAPTER)
+                copy_adapter(source, STUDENT_ADAPTER, self.target.module, TARGET_ADAPTER)
             else:
-                self.target.unet.load_state_dict(source.state_dict())
+                self.target.module.load_state_dict(source.state_dict())
 
     @property
     def kind(self) -> str:
@@ -159,7 +159,7 @@ class Progressive(Objective):
 
     def use_wrapped(self, wrapped):
         super().use_wrapped(wrapped)
-        self.student_train = Denoiser(wrapped["student"], self.schedule, unet=self.student.unet,
+        self.student_train = Denoiser(wrapped["student"], self.schedule, module=self.student.module,
                                       adapter=self.student.adapter)
 
     # --- the math --------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ class Progressive(Objective):
     def state_dict(self) -> dict:
         if self.target_is_teacher:
             return {"stage": self.stage}
-        params = self.target.unet.named_parameters() if self.lora else self.target.unet.state_dict().items()
+        params = self.target.module.named_parameters() if self.lora else self.target.module.state_dict().items()
         target = {n: p.detach().clone() for n, p in params if not self.lora or f".{TARGET_ADAPTER}." in n}
         return {"stage": self.stage, "target": target}
 
@@ -252,13 +252,13 @@ class Progressive(Objective):
             return
         with torch.no_grad():
             if self.lora:
-                params = dict(self.target.unet.named_parameters())
+                params = dict(self.target.module.named_parameters())
                 for n, v in state["target"].items():
                     params[n].copy_(v)
             else:
-                self.target.unet.load_state_dict(state["target"])
+                self.target.module.load_state_dict(state["target"])
 
-    def sampling_spec(self):
+    def student_spec(self):
         from ..sampling import SamplingSpec
 
         o, n = self.opt, self.student_steps

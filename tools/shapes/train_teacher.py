@@ -60,20 +60,29 @@ def make_unet(cross_dim, channels=(32, 64, 64), conv_in_kernel=7):
     )
 
 
-def save_pipeline(out, vae, te, unet, tok, log, extra=None):
+def scheduler_kwargs(prediction_type="epsilon", beta_schedule="linear"):
+    """The teacher's DDIM settings: SCHEDULER_KWARGS, or SD2.1's scaled_linear betas / v-prediction for a second
+    teacher (--prediction-type v_prediction --beta-schedule scaled_linear)."""
+    kw = dict(SCHEDULER_KWARGS, prediction_type=prediction_type, beta_schedule=beta_schedule)
+    if beta_schedule == "scaled_linear":
+        kw.update(beta_start=0.00085, beta_end=0.012)
+    return kw
+
+
+def save_pipeline(out, vae, te, unet, tok, log, extra=None, sched_kwargs=SCHEDULER_KWARGS):
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_KWARGS),
+        vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(**sched_kwargs),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     if extra:
         write_json(os.path.join(out, "shapes_teacher.json"), extra)
-        write_teacher_spec(out, extra["guidance_scale"])
+        write_teacher_spec(out, extra["guidance_scale"], sched_kwargs=sched_kwargs)
     log(f"saved pipeline -> {out}")
     return pipe
 
 
-def accuracy_check(pipe, n, guidance_scale, steps=25):
+def accuracy_check(pipe, n, guidance_scale, steps=25, sched_kwargs=SCHEDULER_KWARGS):
     """Attribute accuracy of `pipe` (DDIM `steps`, CFG) on the first n test prompts; None without the encoder."""
     from stepdistill.data.shapes import shapes_prompts
     from stepdistill.sampling import generate
@@ -84,24 +93,24 @@ def accuracy_check(pipe, n, guidance_scale, steps=25):
     prompts = shapes_prompts("test", n)
     pipe.set_progress_bar_config(disable=True)
     # as `stepdistill evaluate` samples the teacher: image i with seed i
-    imgs = generate(pipe, teacher_spec(guidance_scale, steps), prompts, list(range(n)), batch_size=n)
+    imgs = generate(pipe, teacher_spec(guidance_scale, steps, sched_kwargs), prompts, list(range(n)), batch_size=n)
     return {k: round(v, 3) for k, v in attribute_accuracy(imgs, prompts).items()}
 
 
-def teacher_spec(guidance_scale, steps=25):
+def teacher_spec(guidance_scale, steps=25, sched_kwargs=SCHEDULER_KWARGS):
     """How `stepdistill sample` / `evaluate` sample this teacher by default (DDIM, CFG)."""
     from stepdistill.sampling import SamplingSpec
 
     return SamplingSpec(format="pipeline", scheduler_class="DDIMScheduler",
-                        scheduler_config=dict(DDIMScheduler(**SCHEDULER_KWARGS).config), num_inference_steps=steps,
+                        scheduler_config=dict(DDIMScheduler(**sched_kwargs).config), num_inference_steps=steps,
                         guidance_scale=guidance_scale, resolution=32)
 
 
-def write_teacher_spec(out, guidance_scale, steps=25):
+def write_teacher_spec(out, guidance_scale, steps=25, sched_kwargs=SCHEDULER_KWARGS):
     """stepdistill.json: the teacher's sampling spec."""
     from stepdistill.sampling import SPEC_FILE
 
-    write_json(os.path.join(out, SPEC_FILE), teacher_spec(guidance_scale, steps).to_json())
+    write_json(os.path.join(out, SPEC_FILE), teacher_spec(guidance_scale, steps, sched_kwargs).to_json())
 
 
 def widen_conv_in(state, kernel):
@@ -151,12 +160,19 @@ def main():
     p.add_argument("--init-from", default=None,
                    help="start from the weights of a saved teacher folder (no optimizer state), e.g. to train the "
                         "committed assets/shapes-teacher further: --init-from assets/shapes-teacher --steps N")
+    p.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    p.add_argument("--beta-schedule", default="linear", choices=["linear", "scaled_linear"],
+                   help="linear: DDPM's 1e-4..0.02 (the bundled teacher); scaled_linear: SD's 0.00085..0.012")
+    p.add_argument("--freeze-text-encoder", action="store_true",
+                   help="train the UNet only (with --init-from: keep that teacher's text encoder, so a second "
+                        "teacher can share its text_encoder, tokenizer and vae folders)")
     p.add_argument("--log", default="assets/shapes-build-logs/teacher.log")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     log = Logger(a.log)
     seed_all(a.seed)
-    log(f"args {vars(a)}; noise schedule {SCHEDULER_KWARGS}")
+    sched_kwargs = scheduler_kwargs(a.prediction_type, a.beta_schedule)
+    log(f"args {vars(a)}; noise schedule {sched_kwargs}")
 
     from build_tokenizer import build_tokenizer
 
@@ -179,11 +195,12 @@ def main():
     unet = make_unet(te.config.hidden_size, [int(c) for c in a.channels.split(",")], a.conv_in_kernel)
     log(f"unet params {sum(q.numel() for q in unet.parameters()) / 1e6:.3f}M, text encoder "
         f"{sum(q.numel() for q in te.parameters()) / 1e6:.3f}M")
-    params = list(unet.parameters()) + list(te.parameters())
+    te.requires_grad_(not a.freeze_text_encoder)
+    params = list(unet.parameters()) + ([] if a.freeze_text_encoder else list(te.parameters()))
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01)
     ema_te, ema_unet = copy.deepcopy(te).eval(), copy.deepcopy(unet).eval()
-    ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
-    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_KWARGS.items() if k != "set_alpha_to_one"})
+    ema_params = list(ema_unet.parameters()) + ([] if a.freeze_text_encoder else list(ema_te.parameters()))
+    noise_sched = DDPMScheduler(**{k: v for k, v in sched_kwargs.items() if k != "set_alpha_to_one"})
     ac = noise_sched.alphas_cumprod
     snr = ac / (1 - ac)
     g = torch.Generator().manual_seed(a.seed)
@@ -193,6 +210,7 @@ def main():
         saved = UNet2DConditionModel.from_pretrained(os.path.join(a.init_from, "unet")).state_dict()
         unet.load_state_dict(widen_conv_in(saved, a.conv_in_kernel))
         ema_te.load_state_dict(te.state_dict()); ema_unet.load_state_dict(unet.state_dict())
+        ema_te.requires_grad_(False)
         done = json.load(open(os.path.join(a.init_from, "shapes_teacher.json"))).get("train_steps", 0)
         step = int(done)
         log(f"initialised from {a.init_from} (trained {step} steps before)")
@@ -207,9 +225,10 @@ def main():
         pipe = save_pipeline(a.out, vae, ema_te, ema_unet, tok, log, extra={
             "guidance_scale": a.guidance_scale, "train_steps": step, "batch_size": a.batch_size,
             "caption_dropout": a.caption_dropout, "ema": a.ema, "final": final,
-            "minutes": (time.time() - t_start) / 60,
-        })
-        acc = accuracy_check(pipe, a.eval_prompts, a.guidance_scale)
+            "minutes": (time.time() - t_start) / 60, "prediction_type": a.prediction_type,
+            "beta_schedule": a.beta_schedule, "init_from": a.init_from,
+        }, sched_kwargs=sched_kwargs)
+        acc = accuracy_check(pipe, a.eval_prompts, a.guidance_scale, sched_kwargs=sched_kwargs)
         if acc:
             log(f"step {step} EMA teacher, DDIM 25 steps CFG {a.guidance_scale}: attribute accuracy {acc}")
         os.makedirs(os.path.dirname(os.path.abspath(a.state)), exist_ok=True)
@@ -219,7 +238,7 @@ def main():
 
     t_start = last_save = time.time()
     warm = 200
-    unet.train(); te.train()
+    unet.train(); te.train(not a.freeze_text_encoder)
     loss_avg = None
     while step < a.steps:
         for group in opt.param_groups:
@@ -232,12 +251,19 @@ def main():
         t = torch.randint(0, 1000, (a.batch_size,), generator=g)
         noise = torch.randn(z0.shape, generator=g)
         zt = noise_sched.add_noise(z0, noise, t)
-        h = te(cid).last_hidden_state
+        with torch.set_grad_enabled(not a.freeze_text_encoder):
+            h = te(cid).last_hidden_state
         pred = unet(zt, t, h).sample
-        w = (snr[t].clamp(max=a.min_snr_gamma) / snr[t]).float() if a.min_snr_gamma > 0 else torch.ones(len(t))
+        # Weights are set on the implied x0 error (min-SNR, then the high-noise boost) and converted to the
+        # prediction's own error: |eps err|^2 = snr |x0 err|^2, |v err|^2 = (snr + 1) |x0 err|^2.
+        x0_weight = snr[t].clamp(max=a.min_snr_gamma) if a.min_snr_gamma > 0 else snr[t]
         if a.high_noise_snr > 0:
-            w = w * (a.high_noise_snr / snr[t]).clamp(1.0, a.high_noise_cap).float()
-        loss = (w * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+            x0_weight = x0_weight * (a.high_noise_snr / snr[t]).clamp(1.0, a.high_noise_cap)
+        if a.prediction_type == "v_prediction":
+            w, target = (x0_weight / (snr[t] + 1)).float(), noise_sched.get_velocity(z0, noise, t)
+        else:
+            w, target = (x0_weight / snr[t]).float(), noise
+        loss = (w * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -260,6 +260,28 @@ def scheduler_warnings_off():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def step_generators(scheduler, generators):
+    """Hand `generators` to every `scheduler.step` call that gets none: pipelines such as SD3's and Flux's call
+    `step` without their generator, so a stochastic sampler's noise (FlowMatchEuler's stochastic_sampling)
+    would come from the global RNG and a seed would not fix the image."""
+    if "generator" not in inspect.signature(scheduler.step).parameters:
+        yield
+        return
+    step = scheduler.step
+
+    def seeded(*args, **kwargs):
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = generators
+        return step(*args, **kwargs)
+
+    scheduler.step = seeded
+    try:
+        yield
+    finally:
+        del scheduler.step  # the class's own method again
+
+
 @torch.no_grad()
 def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, steps: int | None = None,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
@@ -293,7 +315,7 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
             latents = backbone.pipeline_latents(latents)  # e.g. Flux takes its latents packed
         # each image's generator, past its starting noise, also draws the noise multistep samplers add between
         # steps (LCM, DDPM, ancestral): else that comes from the global RNG and a seed fixes nothing
-        with scheduler_warnings_off():  # explicit timesteps are the student's own, not a mistake to warn about
+        with scheduler_warnings_off(), step_generators(pipe.scheduler, gens):
             out = pipe(prompt=list(prompts[i:i + batch_size]), guidance_scale=g, height=height, width=width,
                        latents=latents, generator=gens, output_type="pil", **kwargs)
         images.extend(out.images)

@@ -114,6 +114,11 @@ class Denoiser:
         """The network has a guidance input (an embedded-guidance student, Flux-dev): pass w."""
         return self.backbone.guidance_input(self.module) is not None
 
+    @property
+    def has_guidance_embedding(self) -> bool:
+        """A student's own LCM-style guidance embedding (UNet `time_cond_proj_dim`), not a family's input."""
+        return self.backbone.guidance_input(self.module) == "embedding"
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                  w: torch.Tensor | None = None) -> torch.Tensor:
         """The raw network output, in this denoiser's parameterization."""
@@ -130,8 +135,12 @@ class Denoiser:
     def guided_x0_eps(self, x_t, t, cond: Conditioning, uncond: Conditioning, scale: torch.Tensor | float):
         """Classifier-free guidance in one batched call: pred = uncond + scale * (cond - uncond).
 
-        `scale` is a float or a per-sample tensor; scale = 1 is the plain conditional prediction.
+        `scale` is a float or a per-sample tensor; scale = 1 is the plain conditional prediction. A
+        guidance-distilled network (Flux-dev) takes the scale as its input instead: one call, w = scale - 1.
         """
+        if self.backbone.guidance_input(self.module) == "scale":
+            w = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0]) - 1
+            return self.x0_eps(x_t, t, cond, w)
         x0, eps = self.x0_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))
         (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
         s = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))

@@ -66,9 +66,16 @@ def merged_network(net, adapter: str = STUDENT_ADAPTER):
     return merged
 
 
-def default_format(student_type: str) -> str:
-    """The export format `auto` means: LoRA for a LoRA student, a full pipeline for a full or small one."""
-    return "lora" if student_type == "lora" else "full"
+def has_lora_loader(pipeline_class: str) -> bool:
+    import diffusers
+
+    return hasattr(getattr(diffusers, pipeline_class, None), "save_lora_weights")
+
+
+def default_format(student_type: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
+    """The export format `auto` means: LoRA for a LoRA student where the family's pipeline loads LoRA files, a full
+    pipeline otherwise (full and small students; PixArt, whose pipelines have no load_lora_weights)."""
+    return "lora" if student_type == "lora" and has_lora_loader(pipeline_class) else "full"
 
 
 def check_export_out(out: Path) -> None:
@@ -90,6 +97,9 @@ def export_student(teacher: Teacher, net, spec: SamplingSpec, fmt: str, out: str
     if fmt == "lora" and student_type != "lora":
         raise StepdistillError(f"a {student_type} student cannot be exported as LoRA; use --format full "
                                "(or train with student.type=lora)")
+    if fmt == "lora" and not has_lora_loader(teacher.pipeline_class):
+        raise StepdistillError(f"{teacher.pipeline_class} has no load_lora_weights, so a LoRA file would not load; "
+                               "export with --format full (train.export=full): the LoRA is merged into the network")
     spec = dataclasses.replace(spec, format=fmt, base_model=teacher.model_id if fmt == "lora" else None)
     with atomic_directory(out) as tmp:
         if fmt == "lora":
@@ -231,5 +241,5 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "auto", out: str | os.Path
     import json
 
     spec = SamplingSpec.from_json(json.loads((run_dir / "sampling_spec.json").read_text()))
-    fmt = default_format(cfg.student.type) if fmt == "auto" else fmt
+    fmt = default_format(cfg.student.type, teacher.pipeline_class) if fmt == "auto" else fmt
     return export_student(teacher, net, spec, fmt, out or run_dir / "export", cfg.student.type, cfg.name)

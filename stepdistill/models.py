@@ -258,9 +258,27 @@ def _add_adapter(net, config, name: str) -> None:
     (fake score, snapshot) is how stepdistill keeps one copy of the weights, not a mistake."""
     import warnings
 
+    if not hasattr(net, "add_adapter"):
+        _give_peft_adapters(net)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         net.add_adapter(config, adapter_name=name)
+
+
+_PEFT_CLASSES: dict[type, type] = {}
+
+
+def _give_peft_adapters(net) -> None:
+    """Give a diffusers network that lacks it (PixArtTransformer2DModel in diffusers 0.42) diffusers' own
+    PeftAdapterMixin (add_adapter, set_adapter, unload_lora, ...): its class becomes a subclass with the mixin and
+    the same name and module, so configs and saved pipelines still name the diffusers class."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    cls = type(net)
+    if cls not in _PEFT_CLASSES:
+        _PEFT_CLASSES[cls] = type(cls.__name__, (cls, PeftAdapterMixin),
+                                  {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    net.__class__ = _PEFT_CLASSES[cls]
 
 
 def add_lora(net, cfg: StudentConfig, adapter_name: str) -> None:

@@ -295,14 +295,17 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
     g = spec.guidance_scale if guidance_scale is None else guidance_scale
     backbone = backbone_for_pipeline(type(pipe).__name__)
     net = getattr(pipe, backbone.component) if backbone else pipe.unet
-    size = spec.resolution or net.config.sample_size * pipe.vae_scale_factor
+    # the pipeline's default size (Flux's transformer has no sample_size: its pipeline's default_sample_size)
+    size = spec.resolution or (net.config.get("sample_size") or pipe.default_sample_size) * pipe.vae_scale_factor
     height, width = height or size, width or size
     kwargs = {"num_inference_steps": steps}
     explicit = spec.explicit_schedule(steps)
     if explicit and all(k in inspect.signature(pipe.scheduler.set_timesteps).parameters for k in explicit):
         kwargs = explicit
-    else:  # a step count the scheduler refuses stops here, in one line (the pipeline sets them again)
-        set_timesteps_checked(pipe.scheduler, steps)
+    elif not pipe.scheduler.config.get("use_dynamic_shifting"):  # (then only the pipeline knows its mu)
+        set_timesteps_checked(pipe.scheduler, steps)  # a refused step count stops here, in one line
+    if "use_resolution_binning" in inspect.signature(pipe.__call__).parameters:
+        kwargs["use_resolution_binning"] = False  # PixArt, Sana: sample at height x width, as trained, not a bin's
     device = pipe.device
     images = []
     for i in range(0, len(prompts), batch_size):

@@ -33,6 +33,9 @@ ASSETS_DIR = Path(os.environ.get("STEPDISTILL_ASSETS") or next(
     (root / "assets" for root in BUNDLED_ROOTS if (root / "assets").is_dir()), BUNDLED_ROOTS[-1] / "assets"))
 EVAL_DIR = ASSETS_DIR / "shapes-eval"
 TEACHER_DIR = ASSETS_DIR / "shapes-teacher"
+# the second bundled teacher: v-prediction on SD2.1's scaled_linear betas (its text encoder, tokenizer and VAE are
+# the first's, linked)
+TEACHER_V_DIR = ASSETS_DIR / "shapes-teacher-v"
 ENCODER_FILE = "shapes_encoder.safetensors"
 ENCODER_CONFIG = "shapes_encoder.json"
 CLIP_MODEL_NAME = "shapes-clip-tiny"

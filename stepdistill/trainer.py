@@ -408,7 +408,7 @@ class Trainer:
         from .export import default_format
 
         fmt = self.cfg.train.export
-        return default_format(self.cfg.student.type) if fmt == "auto" else fmt
+        return default_format(self.cfg.student.type, self.teacher.pipeline_class) if fmt == "auto" else fmt
 
     def close(self) -> None:
         """Stop the trackers and destroy the process group while the interpreter is still whole.

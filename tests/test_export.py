@@ -150,8 +150,8 @@ def test_teacher_errors_are_one_line(tmp_path, tiny_sd, capsys):
         load_teacher(ModelConfig(teacher=str(tmp_path)), "cpu")
     fake = tmp_path / "flux"
     fake.mkdir()
-    (fake / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(StepdistillError, match="unsupported teacher .* FluxPipeline"):
+    (fake / "model_index.json").write_text(json.dumps({"_class_name": "WuerstchenDecoderPipeline"}))
+    with pytest.raises(StepdistillError, match="unsupported teacher .* WuerstchenDecoderPipeline"):
         load_teacher(ModelConfig(teacher=str(fake)), "cpu")
     with pytest.raises(StepdistillError, match="trust_remote_code"):
         load_teacher(ModelConfig(teacher=tiny_sd, trust_remote_code=True), "cpu")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stepdistill.data import shapes
-from stepdistill.shapes_eval import EVAL_DIR, TEACHER_DIR
+from stepdistill.shapes_eval import EVAL_DIR, TEACHER_DIR, TEACHER_V_DIR
 
 
 def _pixels(item):
@@ -53,15 +53,18 @@ def test_prompts_come_from_the_grammar():
 
 needs_teacher = pytest.mark.skipif(not (TEACHER_DIR / "model_index.json").is_file(),
                                    reason="assets/shapes-teacher not built (tools/shapes/train_teacher.py)")
+# both bundled UNet teachers: eps on linear betas, v-prediction on scaled_linear (SD2.1-like)
+BUNDLED_TEACHERS = pytest.mark.parametrize("teacher_dir", [TEACHER_DIR, TEACHER_V_DIR], ids=["eps", "v"])
 needs_eval = pytest.mark.skipif(not (EVAL_DIR / "shapes_encoder.safetensors").is_file(),
                                 reason="assets/shapes-eval not built (tools/shapes/build_eval_models.py)")
 
 
 @needs_teacher
-def test_committed_teacher_loads_offline_and_generates():
+@BUNDLED_TEACHERS
+def test_committed_teacher_loads_offline_and_generates(teacher_dir):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(TEACHER_DIR), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir), safety_checker=None)
     tok = pipe.tokenizer
     for word in shapes.all_words():  # every world word is one token
         assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
@@ -73,13 +76,14 @@ def test_committed_teacher_loads_offline_and_generates():
 
 @needs_teacher
 @needs_eval
-def test_committed_teacher_follows_its_prompts_at_25_steps_and_not_at_1():
+@BUNDLED_TEACHERS
+def test_committed_teacher_follows_its_prompts_at_25_steps_and_not_at_1(teacher_dir):
     """The gap distillation closes: the teacher draws what the prompt says with DDIM 25 steps, not with 1."""
     from diffusers import StableDiffusionPipeline
 
     from stepdistill.shapes_eval import attribute_accuracy
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(TEACHER_DIR), safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(teacher_dir), safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     prompts = shapes.shapes_prompts("test", 48)
 
@@ -91,6 +95,20 @@ def test_committed_teacher_follows_its_prompts_at_25_steps_and_not_at_1():
     good, one_step = accuracy(25), accuracy(1)
     assert min(good[name] for name in shapes.ATTRIBUTE_NAMES) >= 0.85 and good["all"] >= 0.75, good
     assert one_step["all"] < good["all"] - 0.3, (one_step, good)
+
+
+@needs_teacher
+def test_the_v_teacher_is_v_prediction_on_scaled_linear_and_shares_the_first_teachers_parts():
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_teacher
+
+    eps, v = (load_teacher(ModelConfig(teacher=str(d))) for d in (TEACHER_DIR, TEACHER_V_DIR))
+    assert eps.schedule.prediction_type == "epsilon" and v.schedule.prediction_type == "v_prediction"
+    assert eps.scheduler_config["beta_schedule"] == "linear" and v.scheduler_config["beta_schedule"] == "scaled_linear"
+    for name in ("text_encoder", "vae"):  # the same weights (linked folders), a different UNet
+        a, b = eps.components[name].state_dict(), v.components[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(next(eps.net.parameters()), next(v.net.parameters()))
 
 
 @needs_eval

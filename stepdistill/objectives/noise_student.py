@@ -83,7 +83,7 @@ class NoiseToSample(Objective):
         self._timesteps = [int(t) for t in ts]
         self.lora = setup.student_type == "lora"
         self.student = Denoiser(setup.student, self.schedule, adapter=STUDENT_ADAPTER if self.lora else None)
-        if self.student.takes_guidance:
+        if self.student.has_guidance_embedding:
             raise StepdistillError(f"objective '{self.name}' trains students without a guidance embedding; "
                                    "set student.guidance_embedding=false")
         self.student_params = adapter_params(setup.student, STUDENT_ADAPTER) if self.lora else None

@@ -87,7 +87,7 @@ class Progressive(Objective):
             raise StepdistillError(f"objective.options.start_steps must be <= {self.T} (the teacher's timesteps)")
         self.lora = setup.student_type == "lora"
         self.student = Denoiser(setup.student, self.schedule, adapter=STUDENT_ADAPTER if self.lora else None)
-        embedded = self.student.takes_guidance
+        embedded = self.student.has_guidance_embedding
         if o.guided and not embedded:
             raise StepdistillError("objective.options.guided=true needs a student with a guidance embedding: set "
                                    "student.type=full (or small) and student.guidance_embedding=true")

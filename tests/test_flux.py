@@ -1,0 +1,301 @@
+"""Flux.1 (dev-style, guidance-distilled; rectified flow with dynamic shifting) teachers through the backbone
+interface: the adapter packs, calls and unpacks as FluxPipeline does, schedule time reaches the network as the
+pipeline's timestep at the shift the pipeline samples the training resolution with, our Euler loop reproduces the
+pipeline's, prompt conditioning is the pipeline's encode_prompt, and an exported spec's sigmas are stepped through
+exactly even though FluxPipeline always passes mu."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+PROMPTS = ["a red circle", "a blue square at the top"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    """16 latent channels, 1 double + 1 single block, guidance_embeds: 32x32 images on 4x4x16 latents (VAE factor
+    8), packed to 2x2 = 4 tokens of 64 channels; FLUX.1-dev's dynamic-shifting scheduler config."""
+    from stepdistill.tiny_pipelines import build_tiny_flux
+
+    return str(build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "pipe"))
+
+
+def _teacher(path, resolution=32):
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_teacher
+
+    return load_teacher(ModelConfig(teacher=path), "cpu").at_resolution(resolution)
+
+
+def _pipe(path):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _noise(seed=0, b=2):
+    return torch.randn(b, 16, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _recording(pipe):
+    """Records each transformer call's keyword arguments and output."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append(({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()},
+                      output[0].clone()))
+
+    return calls, pipe.transformer.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_loads_with_dynamic_shifting_packing_and_the_pipelines_prompt_encoding(tiny_flux, one_thread):
+    from diffusers import FluxPipeline
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from stepdistill.backbones import FluxBackbone
+    from stepdistill.backbones.flux import image_ids, pack_latents, unpack_latents
+    from stepdistill.errors import StepdistillError
+    from stepdistill.models import check_resolution
+    from stepdistill.schedule import FlowSchedule
+
+    teacher, pipe = _teacher(tiny_flux), _pipe(tiny_flux)
+    assert teacher.pipeline_class == "FluxPipeline" and isinstance(teacher.backbone, FluxBackbone)
+    assert teacher.family == "flux" and teacher.absent == ()
+    sched = teacher.schedule
+    assert isinstance(sched, FlowSchedule) and sched.dynamic
+    assert teacher.latent_shape(32) == (16, 4, 4)
+    # training at 32 px: FluxPipeline's mu for its 2 x 2 packed tokens
+    cfg = pipe.scheduler.config
+    mu = calculate_shift(4, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    assert sched.train_mu == pytest.approx(mu, abs=1e-12)
+    assert teacher.at_resolution(64).schedule.train_mu == pytest.approx(
+        calculate_shift(16, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift), abs=1e-12)
+    check_resolution(48, teacher, teacher.net)  # VAE 8 x packing 2
+    with pytest.raises(StepdistillError, match="multiple of 16"):
+        check_resolution(40, teacher, teacher.net)
+
+    cond = teacher.prompt_encoder(PROMPTS, 32)
+    with torch.no_grad():  # as __call__ runs it (T5 differs by ~1e-5 with autograd on)
+        embeds, pooled, _ = pipe.encode_prompt(PROMPTS, None)
+    assert torch.equal(cond.embeds, embeds) and torch.equal(cond.pooled, pooled)
+    assert cond.embeds.shape == (2, 512, 32)  # FluxPipeline's default max_sequence_length
+
+    x = torch.randn(2, 16, 6, 4)
+    packed = pack_latents(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 6, 4))
+    assert torch.equal(unpack_latents(packed, 6, 4), x)
+    assert torch.equal(unpack_latents(packed, 6, 4), FluxPipeline._unpack_latents(packed, 6 * 8, 4 * 8, 8))
+    assert torch.equal(image_ids(6, 4, "cpu", torch.float32),
+                       FluxPipeline._prepare_latent_image_ids(2, 3, 2, "cpu", torch.float32))
+    assert torch.equal(teacher.backbone.pipeline_latents(x), packed)
+
+    scale, shift = teacher.backbone.latent_norm(teacher.vae)
+    assert (scale, shift) == (pytest.approx(0.3611), pytest.approx(0.1159))
+    z = torch.randn(2, 16, 4, 4)
+    assert torch.allclose(teacher.from_latents(teacher.to_latents(z)), z, atol=1e-6)
+
+
+def test_the_denoiser_at_schedule_time_is_the_pipelines_step(tiny_flux, one_thread):
+    """The pipeline's one-step sample (sigma 1 -> 0, x0 = x - v) is the Denoiser's x0 at t = 999; over a 4-step
+    run, the Denoiser at each step's schedule time (sigma = shift_mu((t + 1) / 1000), t = 1000 s - 1 for the
+    pipeline's s = linspace(1, 1/4, 4)) calls the transformer with the pipeline's timestep and returns its output."""
+    from stepdistill.backbones.flux import pack_latents, unpack_latents
+
+    teacher, pipe = _teacher(tiny_flux), _pipe(tiny_flux)
+    den = teacher.denoiser()
+    cond = teacher.prompt_encoder(PROMPTS, 32)
+    w = torch.full((2,), 2.5)  # w = guidance_scale - 1
+    x = _noise(0)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, num_inference_steps=1, height=32, width=32, latents=pack_latents(x),
+                   output_type="latent").images  # guidance_scale 3.5, the default
+        x0, _ = den.x0_eps(x, torch.tensor([999, 999]), cond, w)
+    assert (x0 - unpack_latents(ref, 4, 4)).abs().max() < 1e-5
+
+    calls, hook = _recording(pipe)
+    with torch.no_grad():
+        pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.5, height=32, width=32, latents=pack_latents(x),
+             output_type="latent")
+    hook.remove()
+    for i, t in enumerate([999, 749, 499, 249]):
+        kw, out = calls[i]
+        t = torch.tensor([t, t])
+        assert torch.allclose(teacher.schedule.timestep(t) / 1000, kw["timestep"], rtol=0, atol=1e-6)
+        with torch.no_grad():
+            ours = den(unpack_latents(kw["hidden_states"], 4, 4), t, cond, w)
+        assert (ours - unpack_latents(out, 4, 4)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("steps,guidance,true_cfg", [(1, 3.5, 1.0), (3, 5.0, 1.0), (3, 3.5, 2.0)])
+def test_the_adapter_reproduces_the_pipelines_sampling_loop(tiny_flux, one_thread, steps, guidance, true_cfg):
+    """Our Euler loop (adapter + FlowSchedule.sigmas_for_inference with Flux's sigmas and image_seq_len) lands on
+    FluxPipeline's latents from the same noise, with embedded guidance and with true CFG against an empty
+    negative prompt (one batched call for both, where the pipeline makes two)."""
+    from stepdistill.backbones.flux import pack_latents, unpack_latents
+
+    teacher, pipe = _teacher(tiny_flux), _pipe(tiny_flux)
+    x = _noise(0)
+    cfg_kwargs = {"true_cfg_scale": true_cfg, "negative_prompt": ["", ""]} if true_cfg > 1 else {}
+    with torch.no_grad():
+        ref = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                   latents=pack_latents(x), output_type="latent", **cfg_kwargs).images
+    sched, den = teacher.schedule, teacher.denoiser()
+    cond, uncond = teacher.prompt_encoder(PROMPTS, 32), teacher.prompt_encoder(["", ""], 32)
+    sigmas, timesteps = sched.sigmas_for_inference(steps, image_seq_len=4, sigmas=np.linspace(1, 1 / steps, steps))
+    w = torch.full((4,), guidance - 1.0)  # the Denoiser's w: the network gets guidance_scale = 1 + w
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((2,), float(timesteps[i]))
+            if true_cfg > 1:
+                v_u, v_c = teacher.backbone.predict(den.net, den.module, torch.cat([x, x]), torch.cat([t, t]),
+                                                    uncond.cat(cond), w).chunk(2)
+                v = v_u + true_cfg * (v_c - v_u)
+            else:
+                v = teacher.backbone.predict(den.net, den.module, x, t, cond, w[:2])
+            x = sched.euler_step(x, v, sigmas[i], sigmas[i + 1])
+    assert (x - unpack_latents(ref, 4, 4)).abs().max() < 1e-5
+
+
+def test_guidance_input(tiny_flux, one_thread):
+    """Flux-dev takes a guidance scale ("scale"): the Denoiser's w, as guidance_scale = 1 + w; None is
+    FluxPipeline's default 3.5. A network without the guidance embedding (schnell) takes none and ignores one."""
+    from diffusers import FluxTransformer2DModel
+
+    teacher = _teacher(tiny_flux)
+    bb, net = teacher.backbone, teacher.net
+    assert bb.guidance_input(net) == "scale" and teacher.denoiser().takes_guidance
+    x, t = _noise(1), torch.tensor([700.0, 300.0])
+    cond = teacher.prompt_encoder(PROMPTS, 32)
+    with torch.no_grad():
+        default = bb.predict(net, net, x, t, cond, None)
+        assert torch.equal(default, bb.predict(net, net, x, t, cond, torch.full((2,), 2.5)))
+        assert not torch.allclose(default, bb.predict(net, net, x, t, cond, torch.full((2,), 6.0)))
+        seen = []
+        hook = net.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["guidance"]), with_kwargs=True)
+        bb.predict(net, net, x, t, cond, torch.tensor([1.5, 6.0]))
+        hook.remove()
+        assert torch.equal(seen[0], torch.tensor([2.5, 7.0])) and seen[0].dtype == torch.float32
+    schnell = FluxTransformer2DModel.from_config({**net.config, "guidance_embeds": False}).eval()
+    assert bb.guidance_input(schnell) is None
+    with torch.no_grad():
+        assert torch.equal(bb.predict(schnell, schnell, x, t, cond, None),
+                           bb.predict(schnell, schnell, x, t, cond, torch.full((2,), 6.0)))
+
+
+def test_feature_taps_lie_on_the_packed_grid(tiny_flux, one_thread):
+    """Default taps span the double and the single blocks; each map is the block's image stream (its output's
+    second element) on the h/2 x w/2 packed grid, laid out as FluxPipeline packs: a packed latent maps back to
+    pixel_unshuffle(x, 2)."""
+    teacher = _teacher(tiny_flux)
+    bb, net = teacher.backbone, teacher.net
+    taps = bb.feature_taps(net)
+    assert taps == ["transformer_blocks.0", "single_transformer_blocks.0"]
+    x = _noise(2)
+    packed_map = bb.feature_map(net, (None, bb.pipeline_latents(x)), (4, 4))
+    assert torch.equal(packed_map, torch.nn.functional.pixel_unshuffle(x, 2))
+
+    raw = {}
+    hooks = [net.get_submodule(name).register_forward_hook(
+        lambda m, a, out, name=name: raw.__setitem__(name, out[1].detach().clone())) for name in taps]
+    with torch.no_grad():
+        maps = teacher.denoiser().features(x, torch.tensor([500, 500]), teacher.prompt_encoder(PROMPTS, 32), taps)
+    for h in hooks:
+        h.remove()
+    inner = net.config.num_attention_heads * net.config.attention_head_dim
+    for name, fmap in zip(taps, maps):
+        assert fmap.shape == (2, inner, 2, 2)
+        assert torch.equal(fmap.flatten(2).transpose(1, 2), raw[name])
+
+
+def test_lora_targets_cover_both_block_types(tiny_flux, one_thread):
+    """The default LoRA wraps every attention and feed-forward projection of the double and the single blocks
+    (all their linear layers but the AdaLN modulation ones) and starts as the teacher."""
+    from peft.tuners.lora import LoraLayer
+
+    from stepdistill.config import StudentConfig
+    from stepdistill.denoiser import adapter_scope
+    from stepdistill.models import add_lora
+
+    teacher = _teacher(tiny_flux)
+    net = teacher.net
+    x, t, cond = _noise(3), torch.tensor([600, 600]), teacher.prompt_encoder(PROMPTS, 32)
+    with torch.no_grad():
+        before = teacher.denoiser()(x, t, cond)
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    linears = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)
+               and ".norm" not in n}
+    add_lora(net, StudentConfig(lora_rank=2), "student")
+    wrapped = {n for n, m in net.named_modules() if isinstance(m, LoraLayer)}
+    assert linears <= wrapped and {"proj_mlp", "proj_out"} <= {n.rsplit(".", 1)[-1] for n in wrapped}
+    assert not any(".norm" in n for n in wrapped)
+    from stepdistill.denoiser import Denoiser
+
+    with torch.no_grad(), adapter_scope(net, "student"):
+        after = Denoiser(net, teacher.schedule, adapter="student")(x, t, cond)
+    assert torch.allclose(before, after, atol=1e-6)  # LoRA B starts at zero
+
+
+def test_exported_sigmas_are_stepped_exactly_though_flux_passes_mu(tiny_flux, one_thread):
+    """for_schedule's FlowMatchEulerDiscreteScheduler config (shift 1, no dynamic shifting) makes FluxPipeline,
+    which always computes mu and passes it, step through the trained sigmas as given: the transformer sees
+    exactly sigma(t) at the trained schedule times, and `generate` hands it packed latents."""
+    from stepdistill.sampling import SamplingSpec, for_schedule, generate, make_scheduler
+
+    teacher, pipe = _teacher(tiny_flux), _pipe(tiny_flux)
+    trained = {1: [999], 2: [999, 499], 4: [999, 749, 499, 249]}
+    spec = for_schedule(SamplingSpec(format="full", scheduler_class="DDIMScheduler", scheduler_config={},
+                                     num_inference_steps=2, timesteps=trained, resolution=32),
+                        teacher.schedule, teacher.scheduler_config)
+    assert spec.scheduler_config["use_dynamic_shifting"] is False and spec.scheduler_config["shift"] == 1.0
+    pipe.scheduler = make_scheduler(spec)
+    for n, ts in trained.items():
+        calls, hook = _recording(pipe)
+        generate(pipe, spec, PROMPTS[:1], [0], steps=n)
+        hook.remove()
+        want = teacher.schedule.sampling_sigmas(ts)
+        assert spec.sigmas[n] == want
+        assert pipe.scheduler.sigmas.tolist() == [*torch.tensor(want).tolist(), 0.0]
+        assert torch.equal(torch.stack([kw["timestep"][0] for kw, _ in calls]),
+                           teacher.schedule.timestep(torch.tensor(ts)) / 1000)
+        assert all(kw["hidden_states"].shape == (1, 4, 64) for kw, _ in calls)
+    # and the shift that FluxPipeline's own scheduler would have applied is not a no-op here
+    assert teacher.schedule.sampling_sigmas([499])[0] != pytest.approx(0.5, abs=1e-3)
+
+
+def test_generate_samples_a_plain_flux_pipeline_at_its_default_size(tiny_flux, one_thread):
+    """A plain FluxPipeline (its own dynamic-shifting scheduler: the step count is not pre-checked, only the
+    pipeline knows mu) at its default size, default_sample_size 128 x 8 (the transformer has no sample_size)."""
+    from stepdistill.sampling import generate, load_pipeline
+
+    pipe, spec = load_pipeline(tiny_flux)
+    assert generate(pipe, spec, ["a red circle"], [0], steps=1)[0].size == (1024, 1024)
+
+
+def test_a_lora_student_trains_and_round_trips_through_load_lora_weights(tiny_flux, tmp_path, one_thread):
+    """A consistency LoRA student on the default targets (both block types and the output projection) exports
+    as diffusers LoRA that FluxPipeline.load_lora_weights takes; the loaded adapter predicts as the trained one, and
+    the spec samples the trained sigmas with guidance_scale = 1 + w (the embedded guidance it trained at)."""
+    from conftest import run_config
+
+    from stepdistill.denoiser import Denoiser
+    from stepdistill.sampling import load_pipeline
+    from stepdistill.trainer import Trainer
+
+    cfg = run_config(tiny_flux, tmp_path / "run", **{"data.resolution": 32, "train.max_steps": 2,
+                                                     "train.export": "lora"})
+    trainer = Trainer(cfg)
+    trainer.train()
+    pipe, spec = load_pipeline(str(tmp_path / "run" / "export"))
+    assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler" and spec.embedded_guidance
+    trained = spec.extra["trained_timesteps"]
+    assert spec.sigmas[len(trained)] == trainer.teacher.schedule.sampling_sigmas(trained)
+    x, t, w = _noise(5), torch.tensor([700, 700]), torch.full((2,), spec.guidance_scale - 1)
+    cond = trainer.teacher.prompt_encoder(PROMPTS, 32)
+    with torch.no_grad():
+        ours = Denoiser(trainer.student, trainer.teacher.schedule, adapter="student")(x, t, cond, w)
+        theirs = Denoiser(pipe.transformer, trainer.teacher.schedule, adapter="student")(x, t, cond, w)
+        base = Denoiser(pipe.transformer, trainer.teacher.schedule)(x, t, cond, w)
+    assert (ours - theirs).abs().max() < 1e-5 and (ours - base).abs().max() > 1e-4

@@ -21,7 +21,7 @@ from stepdistill.data.shapes import ATTRIBUTE_NAMES
 from stepdistill.evaluate import EvalOptions, ModelEntry, run_evaluation
 
 
-def quality_table(report: dict, n: int, seed: int) -> str:
+def quality_table(report: dict, n: int, seed: int, sampler: str = "DDIM") -> str:
     """evaluate's report rows as the teacher-quality table (the real row first)."""
     rows = sorted(report["rows"], key=lambda r: r["role"] != "real")
     head = ("| model | steps | CFG | FID (shapes enc.) | CLIP score | " + " | ".join(ATTRIBUTE_NAMES)
@@ -30,7 +30,7 @@ def quality_table(report: dict, n: int, seed: int) -> str:
     for r in rows:
         acc = r["attribute_accuracy_detail"]
         real = r["role"] == "real"
-        lines.append(f"| {'real (val vs test)' if real else 'teacher DDIM'} | {'-' if real else r['steps']} | "
+        lines.append(f"| {'real (val vs test)' if real else 'teacher ' + sampler} | {'-' if real else r['steps']} | "
                      f"{'-' if real else r['guidance']} | {r['fid']:.3f} | {r['clip_score']:.2f} | "
                      + " | ".join(f"{acc[k]:.3f}" for k in ATTRIBUTE_NAMES)
                      + f" | {acc['all']:.3f} | {0.0 if real else r['generation_seconds_rank0']:.1f} |")
@@ -44,6 +44,9 @@ def main():
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 25, 50])
     p.add_argument("--guidance-scale", type=float, nargs="+", default=[3.0])
     p.add_argument("--batch-size", type=int, default=125)
+    p.add_argument("--scheduler", default="ddim",
+                   help="sampler: ddim (the UNet teachers), or FlowMatchEulerDiscreteScheduler for the flow teacher "
+                        "(tools/shapes/train_flow_teacher.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (always fp32)")
@@ -51,13 +54,15 @@ def main():
     p.add_argument("--out", default="tools/shapes/teacher_quality.md")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    models = [ModelEntry(path=a.teacher, label=f"teacher-cfg{g:g}", steps=a.steps, scheduler="ddim", guidance=g,
+    models = [ModelEntry(path=a.teacher, label=f"teacher-cfg{g:g}", steps=a.steps, scheduler=a.scheduler, guidance=g,
                          role="teacher") for g in a.guidance_scale]
     report = run_evaluation(EvalOptions(
         models=models, out=a.images, prompts="shapes:test", num_images=a.n, seed=a.seed, reference="shapes:test",
         floor_reference="shapes:val", backbone="shapes", clip_model="shapes", batch_size=a.batch_size,
         speed_batches=0, device=a.device, dtype="fp32"))
-    table = quality_table(report, a.n, a.seed)
+    sampler = "DDIM" if a.scheduler.lower() in ("ddim", "ddimscheduler") else (
+        "flow Euler" if a.scheduler == "FlowMatchEulerDiscreteScheduler" else a.scheduler)
+    table = quality_table(report, a.n, a.seed, sampler)
     print(table)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

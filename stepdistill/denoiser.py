@@ -136,14 +136,18 @@ class Denoiser:
         """Classifier-free guidance in one batched call: pred = uncond + scale * (cond - uncond).
 
         `scale` is a float or a per-sample tensor; scale = 1 is the plain conditional prediction. A
-        guidance-distilled network (Flux-dev) takes the scale as its input instead: one call, w = scale - 1.
+        guidance-distilled network (Flux-dev) takes the scale as its input instead: one call, w = scale - 1. A family
+        whose pipeline guides otherwise (Backbone.nonlinear_guidance) combines the raw outputs by its own rule.
         """
         if self.backbone.guidance_input(self.module) == "scale":
             w = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0]) - 1
             return self.x0_eps(x_t, t, cond, w)
+        s = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
+        if self.backbone.nonlinear_guidance:  # the pipeline's own rule on the outputs (Qwen-Image's rescaled CFG)
+            out_c, out_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond)).chunk(2)
+            return self.schedule.to_x0_eps(self.backbone.guide(out_c, out_u, s), x_t, t, self.prediction_type)
         x0, eps = self.x0_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), cond.cat(uncond))
         (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
-        s = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).reshape(-1, *([1] * (x_t.ndim - 1)))
         return x0_u + s * (x0_c - x0_u), eps_u + s * (eps_c - eps_u)
 
 

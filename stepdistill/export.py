@@ -145,6 +145,8 @@ def model_card(spec: SamplingSpec, teacher: Teacher, path: str, name: str) -> st
     timesteps = (spec.timesteps or {}).get(steps)
     sigmas = (spec.sigmas or {}).get(steps)
     call = f"num_inference_steps={steps}"
+    guidance = ", ".join(f"{k}={v}" if isinstance(v, (int, float)) else f"{k}={v!r}"  # the family's guidance kwargs
+                         for k, v in teacher.backbone.pipeline_guidance(g, 1).items())
     if sigmas:  # a flow student: its exported scheduler's own grid is generally not the trained sigmas
         if _own_sigmas(spec, steps) != [float(s) for s in sigmas]:
             call = f"sigmas={[float(s) for s in sigmas]}"
@@ -172,7 +174,7 @@ from diffusers import {pipe_cls}, {spec.scheduler_class}
 
 {load}
 generator = torch.Generator("cpu").manual_seed(0)
-image = pipe("your prompt", {call}, guidance_scale={g}, height={res}, width={res}, generator=generator).images[0]
+image = pipe("your prompt", {call}, {guidance}, height={res}, width={res}, generator=generator).images[0]
 image.save("sample.png")
 ```
 """

@@ -70,14 +70,20 @@ class Teacher:
         return self.backbone.latent_norm(self.vae)[0]
 
     def to_latents(self, vae_latents: torch.Tensor) -> torch.Tensor:
-        """What the network sees: (vae latent - shift_factor) * scaling_factor."""
-        scale, shift = self.backbone.latent_norm(self.vae)
+        """What the network sees: (vae latent - shift_factor) * scaling_factor (per channel where the family's
+        are tensors, Qwen-Image's latents_mean / latents_std)."""
+        scale, shift = self._latent_norm(vae_latents)
         return (vae_latents - shift) * scale
 
     def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """What the VAE decodes, as the pipeline computes it: latents / scaling_factor + shift_factor."""
-        scale, shift = self.backbone.latent_norm(self.vae)
+        scale, shift = self._latent_norm(latents)
         return latents / scale + shift
+
+    def _latent_norm(self, like: torch.Tensor):
+        """`latent_norm`, tensors cast to `like`'s device and dtype (floats stay floats)."""
+        return tuple(v.to(like.device, like.dtype) if isinstance(v, torch.Tensor) else v
+                     for v in self.backbone.latent_norm(self.vae))
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         size = resolution // self.backbone.vae_factor(self.vae)
@@ -217,9 +223,9 @@ def load_teacher(cfg: ModelConfig, device: torch.device | str = "cpu") -> Teache
         else:
             log.warning("model.xformers=true ignored: xformers needs a CUDA device; using torch SDPA")
     scheduler_config = dict(pipe.scheduler.config)
-    return Teacher(model_id, pipeline_class, backbone, net, pipe.vae, PromptEncoder(backbone, pipe),
-                   scheduler_config, schedule_from_scheduler(type(pipe.scheduler).__name__, scheduler_config,
-                                                             cfg.teacher), components, tuple(absent))
+    schedule = schedule_from_scheduler(type(pipe.scheduler).__name__, scheduler_config, cfg.teacher)
+    return Teacher(model_id, pipeline_class, backbone, net, backbone.image_vae(pipe.vae), PromptEncoder(backbone, pipe),
+                   scheduler_config, schedule, components, tuple(absent))
 
 
 def _init_parameters(cls) -> set[str]:
@@ -229,13 +235,15 @@ def _init_parameters(cls) -> set[str]:
 
 
 def schedule_from_scheduler(scheduler_class: str, config: dict, teacher: str) -> NoiseSchedule:
-    """The noise schedule of the teacher's scheduler: flow matching for the FlowMatch schedulers (and flow
-    prediction types), the discrete VP schedule of its betas otherwise."""
+    """The noise schedule of the teacher's scheduler: flow matching for the FlowMatch schedulers and DPM-Solver on
+    flow sigmas (Sana's; flow prediction types), the discrete VP schedule of its betas otherwise."""
     prediction = config.get("prediction_type") or ""
     if scheduler_class.startswith("FlowMatch") or prediction in ("flow", "flow_prediction"):
-        if not scheduler_class.startswith("FlowMatch"):
+        dpm_flow = scheduler_class == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas")
+        if not scheduler_class.startswith("FlowMatch") and not dpm_flow:
             raise StepdistillError(f"teacher '{teacher}' samples flow matching with {scheduler_class}; only "
-                                   "FlowMatchEulerDiscreteScheduler configs are supported for flow teachers")
+                                   "FlowMatchEulerDiscreteScheduler and DPMSolverMultistepScheduler(use_flow_sigmas="
+                                   "True) configs are supported for flow teachers")
         return FlowSchedule.from_scheduler_config(config)
     return VPSchedule.from_scheduler_config(config)
 

@@ -295,8 +295,10 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
     g = spec.guidance_scale if guidance_scale is None else guidance_scale
     backbone = backbone_for_pipeline(type(pipe).__name__)
     net = getattr(pipe, backbone.component) if backbone else pipe.unet
-    # the pipeline's default size (Flux's transformer has no sample_size: its pipeline's default_sample_size)
-    size = spec.resolution or (net.config.get("sample_size") or pipe.default_sample_size) * pipe.vae_scale_factor
+    # the pipeline's default size (Flux's transformer has no sample_size: its pipeline's default_sample_size; Z-Image's
+    # pipeline has neither: its __call__ defaults to 1024 px = 128 x 8)
+    default = net.config.get("sample_size") or getattr(pipe, "default_sample_size", None) or 128
+    size = spec.resolution or default * pipe.vae_scale_factor
     height, width = height or size, width or size
     kwargs = {"num_inference_steps": steps}
     explicit = spec.explicit_schedule(steps)
@@ -319,7 +321,8 @@ def generate(pipe, spec: SamplingSpec, prompts: list[str], seeds: list[int], *, 
         # each image's generator, past its starting noise, also draws the noise multistep samplers add between
         # steps (LCM, DDPM, ancestral): else that comes from the global RNG and a seed fixes nothing
         with scheduler_warnings_off(), step_generators(pipe.scheduler, gens):
-            out = pipe(prompt=list(prompts[i:i + batch_size]), guidance_scale=g, height=height, width=width,
-                       latents=latents, generator=gens, output_type="pil", **kwargs)
+            guidance = backbone.pipeline_guidance(g, len(gens)) if backbone else {"guidance_scale": g}
+            out = pipe(prompt=list(prompts[i:i + batch_size]), height=height, width=width, latents=latents,
+                       generator=gens, output_type="pil", **guidance, **kwargs)
         images.extend(out.images)
     return images

@@ -139,12 +139,22 @@ class FlowSchedule(NoiseSchedule):
       inference  sigmas_for_inference(n, ...): set_timesteps' table, shifted by `shift` or by mu (resolution)
     Schedule time t (what objectives draw, 0..T-1) is the training grid's u - 1: t = T - 1 is sigma = 1 (pure
     noise), t = -1 is sigma 0 (clean); `alpha_sigma(t)`, `add_noise` and the conversions take that t.
+
+    A DPMSolverMultistepScheduler on flow sigmas (Sana's: use_flow_sigmas, flow_prediction, `flow_shift`) is the
+    same process with shift = flow_shift (`solver` "dpm"). Only its inference table differs: sigmas
+    shift(linspace(0.999, 0, n + 1)[:-1]), then 0, and int64 timesteps TRUNCATED from sigma * T (sigma 0.99967 ->
+    999). Training keeps the float timestep sigma * T, which is what the exported FlowMatchEuler spec hands the
+    network at the trained sigmas; the teacher's own DPM pipeline gives floor(sigma * T) at its sigmas, up to one
+    unit of T lower (the networks embed the timestep continuously).
     """
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, *, use_dynamic_shifting: bool = False,
                  base_shift: float = 0.5, max_shift: float = 1.15, base_image_seq_len: int = 256,
                  max_image_seq_len: int = 4096, time_shift_type: str = "exponential",
-                 shift_terminal: float | None = None, stochastic_sampling: bool = False):
+                 shift_terminal: float | None = None, stochastic_sampling: bool = False, solver: str = "euler"):
+        if solver not in ("euler", "dpm"):
+            raise StepdistillError(f"flow solver must be 'euler' or 'dpm', got {solver!r}")
+        self.solver = solver  # whose inference table sigmas_for_inference gives: FlowMatchEuler's or DPM-Solver's
         if time_shift_type not in ("exponential", "linear"):
             raise StepdistillError(f"time_shift_type must be 'exponential' or 'linear', got {time_shift_type!r}")
         self.num_train_timesteps, self.shift = int(num_train_timesteps), float(shift)
@@ -162,6 +172,8 @@ class FlowSchedule(NoiseSchedule):
     def from_scheduler_config(cls, config) -> "FlowSchedule":
         """From a FlowMatchEulerDiscreteScheduler config (dict or diffusers FrozenDict); diffusers' defaults."""
         cfg = dict(config)
+        if cfg.get("use_flow_sigmas"):
+            return cls._from_dpm_flow_config(cfg)
         unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
                        if cfg.get(k)]
         if unsupported:
@@ -172,6 +184,22 @@ class FlowSchedule(NoiseSchedule):
                 "time_shift_type", "shift_terminal", "stochastic_sampling")
         return cls(cfg.get("num_train_timesteps", 1000), cfg.get("shift", 1.0),
                    **{k: cfg[k] for k in keys if k in cfg})
+
+    @classmethod
+    def _from_dpm_flow_config(cls, cfg: dict) -> "FlowSchedule":
+        """A DPMSolverMultistepScheduler(use_flow_sigmas=True) config: static shift `flow_shift`. (SanaPipeline
+        passes no mu, so its dynamic shifting is never used; the options that replace flow sigmas are refused.)"""
+        unsupported = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                                   "use_dynamic_shifting") if cfg.get(k)]
+        if unsupported:
+            raise StepdistillError(f"DPM-Solver flow scheduler option {unsupported[0]}=true is not supported")
+        if cfg.get("prediction_type") != "flow_prediction":
+            raise StepdistillError("DPM-Solver on flow sigmas needs prediction_type 'flow_prediction', got "
+                                   f"{cfg.get('prediction_type')!r}")
+        if cfg.get("final_sigmas_type", "zero") != "zero":
+            raise StepdistillError(f"DPM-Solver flow scheduler final_sigmas_type '{cfg['final_sigmas_type']}' is not "
+                                   "supported (only 'zero')")
+        return cls(cfg.get("num_train_timesteps", 1000), cfg.get("flow_shift", 1.0), solver="dpm")
 
     def sigma(self, u) -> torch.Tensor:
         """Training sigma of uniform time u in [0, T] (diffusers' construction; float32 as there, so exact)."""
@@ -206,6 +234,8 @@ class FlowSchedule(NoiseSchedule):
     def sampling_config(config: dict, stochastic: bool) -> dict:
         """The teacher's scheduler config with its shift switched off (shift 1, no dynamic or terminal shift), so
         that explicit sigmas are used as given, and the multistep re-noising of `stochastic`."""
+        if dict(config).get("use_flow_sigmas"):  # a DPM-Solver teacher (Sana): a FlowMatchEuler config of its own
+            config = {"num_train_timesteps": dict(config).get("num_train_timesteps", 1000)}
         return {**dict(config), "shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None,
                 "stochastic_sampling": bool(stochastic)}
 
@@ -219,8 +249,17 @@ class FlowSchedule(NoiseSchedule):
         """(num_steps + 1 sigmas ending in 0, num_steps timesteps), as scheduler.set_timesteps(num_steps, sigmas=,
         mu=) sets them. SD3 passes no sigmas; Flux passes np.linspace(1, 1/num_steps, num_steps) and mu.
         mu (or image_seq_len) is used only with dynamic shifting, as in diffusers.
-        Numpy arithmetic as in diffusers (float64 default grid, float32 given sigmas), so the tables are equal."""
+        Numpy arithmetic as in diffusers (float64 default grid, float32 given sigmas), so the tables are equal.
+        Solver "dpm": DPMSolverMultistepScheduler.set_timesteps(num_steps)'s flow table (no sigmas, no mu) and its
+        int64 timesteps, truncated."""
         n = self.num_train_timesteps
+        if self.solver == "dpm":
+            if sigmas is not None:
+                raise StepdistillError("DPMSolverMultistepScheduler takes no explicit sigmas")
+            s = 1.0 - np.linspace(1, 1 / n, num_steps + 1)
+            s = np.flip(self.shift * s / (1 + (self.shift - 1) * s))[:-1].copy()
+            return (torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32)),
+                    torch.from_numpy(s * n).to(torch.int64))
         if sigmas is None:
             s = np.linspace(self.sigma_max * n, self.sigma_min * n, num_steps) / n
         else:

@@ -1,13 +1,17 @@
 """One small adapter per backbone kind; `backbone_for` picks it from the network or the pipeline class."""
 from __future__ import annotations
 
-from .base import Backbone, Conditioning
+from .base import Backbone, Conditioning, ImageVAE
 from .flux import FluxBackbone
 from .pixart import PixArtBackbone
+from .qwenimage import QwenImageBackbone
+from .sana import SanaBackbone
 from .sd3 import SD3Backbone
 from .unet import UNetBackbone, guidance_scale_embedding
+from .zimage import ZImageBackbone
 
-BACKBONES: tuple[type[Backbone], ...] = (UNetBackbone, SD3Backbone, FluxBackbone, PixArtBackbone)
+BACKBONES: tuple[type[Backbone], ...] = (UNetBackbone, SD3Backbone, FluxBackbone, PixArtBackbone, SanaBackbone,
+                                         QwenImageBackbone, ZImageBackbone)
 PIPELINE_BACKBONES = {name: cls for cls in BACKBONES for name in cls.pipelines}
 
 
@@ -27,5 +31,6 @@ def backbone_for_pipeline(pipeline_class: str) -> Backbone | None:
     return cls() if cls else None
 
 
-__all__ = ["BACKBONES", "Backbone", "Conditioning", "FluxBackbone", "PIPELINE_BACKBONES", "PixArtBackbone",
-           "SD3Backbone", "UNetBackbone", "backbone_for", "backbone_for_pipeline", "guidance_scale_embedding"]
+__all__ = ["BACKBONES", "Backbone", "Conditioning", "FluxBackbone", "ImageVAE", "PIPELINE_BACKBONES",
+           "PixArtBackbone", "QwenImageBackbone", "SD3Backbone", "SanaBackbone", "UNetBackbone", "ZImageBackbone",
+           "backbone_for", "backbone_for_pipeline", "guidance_scale_embedding"]

@@ -28,9 +28,23 @@ class Conditioning:
     def cat(self, other: "Conditioning") -> "Conditioning":
         return Conditioning.concat([self, other])
 
+    def padded(self, length: int) -> "Conditioning":
+        """The text zero-padded to `length` tokens, masked out (a masked token changes no image token)."""
+        pad = length - self.embeds.shape[1]
+        if pad == 0:
+            return self
+        if self.mask is None:
+            raise ValueError("conditionings of different text lengths need attention masks to be joined")
+        return replace(self, embeds=torch.nn.functional.pad(self.embeds, (0, 0, 0, pad)),
+                       mask=torch.nn.functional.pad(self.mask, (0, pad)))
+
     @staticmethod
     def concat(rows: list["Conditioning"]) -> "Conditioning":
-        """One Conditioning of all rows, in order (one torch.cat per field, not one per row)."""
+        """One Conditioning of all rows, in order (one torch.cat per field, not one per row). Rows of different
+        text lengths (Qwen-Image encodes a batch at its longest prompt's length) are padded to the longest."""
+        longest = max(r.embeds.shape[1] for r in rows)
+        rows = [r.padded(longest) for r in rows]
+
         def join(name):
             return None if getattr(rows[0], name) is None else torch.cat([getattr(r, name) for r in rows])
 
@@ -61,6 +75,19 @@ class Backbone:
         Flux sigma = timestep / 1000). `net` is what is called (possibly a DDP wrapper), `module` the bare
         network."""
         raise NotImplementedError
+
+    # classifier-free guidance: False where the pipeline's rule is not uncond + s (cond - uncond) on the network
+    # output, which the Denoiser then applies to x0 and eps directly (the same, for a linear rule)
+    nonlinear_guidance: bool = False
+
+    def guide(self, out_c: torch.Tensor, out_u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The pipeline's classifier-free guidance of raw outputs (B, C, H, W), scale (B, 1, 1, 1)."""
+        return out_u + scale * (out_c - out_u)
+
+    def pipeline_guidance(self, guidance_scale: float, batch: int) -> dict:
+        """The pipeline call's keyword arguments for stepdistill's guidance scale g (pred = uncond + g (cond -
+        uncond); 1 is none) on a batch of `batch` prompts."""
+        return {"guidance_scale": guidance_scale}
 
     def guidance_input(self, module) -> str | None:
         """How the network takes a guidance weight: None (it does not), "embedding" (an LCM-style
@@ -106,9 +133,36 @@ class Backbone:
         return [m for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
                 if (m := getattr(pipe, name, None)) is not None]
 
+    def image_vae(self, vae):
+        """The VAE as the trainer and objectives call it (Teacher.vae), AutoencoderKL's way: encode(pixels (B, 3,
+        H, W)).latent_dist.sample(generator=) and decode(z (B, C, h, w)).sample. Default: the pipeline's own VAE."""
+        return vae
+
     def vae_factor(self, vae) -> int:
         return 2 ** (len(vae.config.block_out_channels) - 1)
 
-    def latent_norm(self, vae) -> tuple[float, float]:
-        """(scale, shift): the network sees (vae latent - shift) * scale, as the pipeline decodes z / scale + shift."""
+    def latent_norm(self, vae) -> tuple:
+        """(scale, shift): the network sees (vae latent - shift) * scale, as the pipeline decodes z / scale + shift;
+        floats, or tensors (C, 1, 1) for per-channel statistics (Qwen-Image's latents_std / latents_mean)."""
         return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+class ImageVAE(torch.nn.Module):
+    """A family's VAE behind AutoencoderKL's image calling convention (`Backbone.image_vae`); subclasses implement
+    encode and decode. The pipeline, and exports, keep the VAE itself (`vae`)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    @property
+    def config(self):
+        return self.vae.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device

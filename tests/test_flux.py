@@ -299,3 +299,33 @@ def test_a_lora_student_trains_and_round_trips_through_load_lora_weights(tiny_fl
         theirs = Denoiser(pipe.transformer, trainer.teacher.schedule, adapter="student")(x, t, cond, w)
         base = Denoiser(pipe.transformer, trainer.teacher.schedule)(x, t, cond, w)
     assert (ours - theirs).abs().max() < 1e-5 and (ours - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["dmd", "vsd"])
+def test_distribution_matching_students_train_on_a_guidance_distilled_teacher(tiny_flux, tmp_path, one_thread, name):
+    """FLUX.1-dev's guidance input is the family's, not a student's LCM-style embedding: dmd and vsd accept the
+    student, the real score is one call with the scale as input, and the LoRA export loads."""
+    from conftest import run_config
+
+    from stepdistill.sampling import load_pipeline
+    from stepdistill.trainer import Trainer
+
+    cfg = run_config(tiny_flux, tmp_path / "run", **{"data.resolution": 32, "train.max_steps": 2,
+                                                     "train.export": "lora", "objective.name": name,
+                                                     "objective.options.num_ddim_timesteps": None})
+    trainer = Trainer(cfg)
+    assert not trainer.objective.student.has_guidance_embedding and trainer.objective.student.takes_guidance
+    calls = []
+    hook = trainer.teacher.net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["guidance"].clone()),
+                                                         with_kwargs=True)
+    b = 4
+    t = torch.full((b,), 500)
+    x = torch.randn(b, 16, 4, 4) if trainer.teacher.latent_shape(32)[0] == 16 else torch.randn(b, *trainer.teacher.latent_shape(32))
+    cond = trainer.teacher.prompt_encoder(["a red circle"] * b, 32)
+    with torch.no_grad():
+        trainer.objective.teacher.guided_x0_eps(x, t, cond, cond, 3.0)
+    hook.remove()
+    assert len(calls) == 1 and torch.allclose(calls[0], torch.full((b,), 3.0))  # one call, the scale as input
+    trainer.train()
+    pipe, spec = load_pipeline(str(tmp_path / "run" / "export"))
+    assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler"

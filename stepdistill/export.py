@@ -111,7 +111,7 @@ def export_student(teacher: Teacher, net, spec: SamplingSpec, fmt: str, out: str
             cls.save_lora_weights(str(tmp), safe_serialization=True, **{f"{name}_lora_layers": lora_state_dict(net),
                                                                         f"{name}_lora_adapter_metadata": metadata})
             if teacher.backbone.kohya_prefix:
-                save_file(kohya_state_dict(net, prefix=teacher.backbone.kohya_prefix), str(tmp / KOHYA_FILE))
+                save_file(teacher.backbone.kohya_state_dict(net, STUDENT_ADAPTER), str(tmp / KOHYA_FILE))
             make_scheduler(spec).save_pretrained(str(tmp / "scheduler"))
         elif fmt == "full":
             plain = merged_network(net) if student_type == "lora" else net
@@ -133,7 +133,8 @@ def model_card(spec: SamplingSpec, teacher: Teacher, path: str, name: str) -> st
         load = (f'pipe = {pipe_cls}.from_pretrained("{spec.base_model}"{load_kwargs})\n'
                 f'pipe.load_lora_weights("{path}")\n'
                 f'pipe.scheduler = {spec.scheduler_class}.from_pretrained("{path}", subfolder="scheduler")')
-        kohya = (f"- `{KOHYA_FILE}`: the same LoRA with kohya keys and per-module alpha, for ComfyUI and A1111\n"
+        kohya = (f"- `{KOHYA_FILE}`: the same LoRA with kohya keys and per-module alpha, for "
+                 f"{teacher.backbone.kohya_readers}\n"
                  if teacher.backbone.kohya_prefix else "")
         files = (f"- `{LORA_FILE}`: diffusers / peft LoRA (`pipe.load_lora_weights`)\n{kohya}"
                  f"- `scheduler/`: the scheduler config the student needs (a base pipeline's default is wrong "

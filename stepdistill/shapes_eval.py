@@ -36,6 +36,8 @@ TEACHER_DIR = ASSETS_DIR / "shapes-teacher"
 # the second bundled teacher: v-prediction on SD2.1's scaled_linear betas (its text encoder, tokenizer and VAE are
 # the first's, linked)
 TEACHER_V_DIR = ASSETS_DIR / "shapes-teacher-v"
+# the bundled flow-matching DiT teacher: StableDiffusion3Pipeline (MMDiT), no T5 (tools/shapes/train_flow_teacher.py)
+FLOW_TEACHER_DIR = ASSETS_DIR / "shapes-flow-teacher"
 ENCODER_FILE = "shapes_encoder.safetensors"
 ENCODER_CONFIG = "shapes_encoder.json"
 CLIP_MODEL_NAME = "shapes-clip-tiny"

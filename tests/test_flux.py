@@ -329,3 +329,186 @@ def test_distribution_matching_students_train_on_a_guidance_distilled_teacher(ti
     trainer.train()
     pipe, spec = load_pipeline(str(tmp_path / "run" / "export"))
     assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler"
+
+
+# every linear layer of FluxTransformer2DModel: the default targets plus the modulation and embedding layers
+ALL_LINEARS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+               "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder",
+               "context_embedder", "linear_1", "linear_2"]
+
+
+def _perturbed_lora(teacher, **student):
+    """A LoRA student (rank 4, alpha 12: alpha != rank) on the teacher's network, every LoRA weight moved off its
+    initialisation (B starts at zero)."""
+    from stepdistill.config import StudentConfig
+    from stepdistill.models import build_student
+
+    torch.manual_seed(0)
+    net = build_student(teacher, StudentConfig(lora_rank=4, lora_alpha=12, **student))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    return net
+
+
+def _spec(teacher):
+    from stepdistill.sampling import SamplingSpec, for_schedule
+
+    return for_schedule(SamplingSpec(format="full", scheduler_class="DDIMScheduler", scheduler_config={},
+                                     num_inference_steps=1, timesteps={1: [999]}, resolution=32),
+                        teacher.schedule, teacher.scheduler_config)
+
+
+def _kohya_deltas(sd):
+    """Each kohya module's weight change up @ down * alpha / rank, as ComfyUI applies it to the BFL weight."""
+    names = {k.split(".")[0] for k in sd}
+    return {n: sd[f"{n}.lora_up.weight"] @ sd[f"{n}.lora_down.weight"] * float(sd[f"{n}.alpha"])
+            / sd[f"{n}.lora_down.weight"].shape[0] for n in names}
+
+
+@pytest.mark.parametrize("targets", [None, ["to_q", "to_k", "add_k_proj", "proj_out"], ALL_LINEARS])
+def test_the_kohya_file_is_the_adapter_on_bfl_module_names(tiny_flux, tmp_path, one_thread, targets):
+    """The export's kohya file names Flux's BFL modules (sd-scripts keys, as ComfyUI and Forge read them). Each
+    module's up @ down * alpha / rank is exactly the diffusers linears' LoRA changes stacked in BFL's row order (a
+    fused q/k/v or q/k/v/MLP-in one block-diagonal of rank n r with alpha n alpha; a part not trained a zero block;
+    the final adaLN's (scale, shift) swapped to BFL's (shift, scale)), so applying the file to the BFL weights is
+    the trained student."""
+    from safetensors.torch import load_file
+
+    from stepdistill.backbones.flux import bfl_linears
+    from stepdistill.export import KOHYA_FILE, export_student
+
+    teacher = _teacher(tiny_flux)
+    net = _perturbed_lora(teacher, lora_targets=targets)
+    out = export_student(teacher, net, _spec(teacher), "lora", tmp_path / "lora", "lora")
+    assert "ComfyUI and Forge" in (out / "README.md").read_text()
+    sd = load_file(str(out / KOHYA_FILE))
+    deltas = _kohya_deltas(sd)
+    from peft.tuners.lora import LoraLayer
+
+    lora = {n: m for n, m in net.named_modules() if isinstance(m, LoraLayer)}
+    mapping = bfl_linears(net)
+    want = {"lora_unet_" + b for b, parts in mapping.items() if any(p in lora for p in parts)}
+    assert set(deltas) == want
+    if targets is None:  # the default targets: attention and MLPs of both block types, and the output layer
+        assert {n.removeprefix("lora_unet_") for n in want} == {
+            *(f"double_blocks_0_{s}_{m}" for s in ("img", "txt") for m in ("attn_qkv", "attn_proj", "mlp_0", "mlp_2")),
+            "single_blocks_0_linear1", "single_blocks_0_linear2", "final_layer_linear"}
+    if targets == ALL_LINEARS:
+        assert set(lora) == {p for parts in mapping.values() for p in parts}  # every linear has a BFL name
+    for b, parts in mapping.items():
+        name = "lora_unet_" + b
+        if name not in deltas:
+            continue
+        rows = []
+        for p in parts:
+            m = net.get_submodule(p)
+            rows.append(m.get_delta_weight("student") if p in lora else torch.zeros_like(m.weight))
+        expected = torch.cat(rows)
+        if b == "final_layer_adaLN_modulation_1":
+            expected = torch.cat(expected.chunk(2)[::-1])
+        assert torch.allclose(deltas[name], expected, rtol=1e-5, atol=1e-8), b
+        rank = sd[f"{name}.lora_down.weight"].shape[0]
+        if b.startswith("final_layer"):  # diffusers ignores these two alphas: the scale is folded into lora_up
+            assert float(sd[f"{name}.alpha"]) == rank == 4
+        else:
+            assert rank == 4 * len(parts) and float(sd[f"{name}.alpha"]) == 12.0 * len(parts)
+    if targets == ["to_q", "to_k", "add_k_proj", "proj_out"]:  # the untrained parts are exact zero blocks
+        up = sd["lora_unet_single_blocks_0_linear1.lora_up.weight"]
+        assert up.shape == (32 * 3 + 128, 16) and not up[64:].any() and not sd[
+            "lora_unet_single_blocks_0_linear1.lora_down.weight"][8:].any()
+
+
+def test_a_lora_without_a_bfl_name_is_refused(tiny_flux, one_thread):
+    """A LoRA on a module that has no BFL counterpart stops the kohya export in one line (it is not dropped)."""
+    from stepdistill.errors import StepdistillError
+
+    teacher = _teacher(tiny_flux)
+    teacher.net.add_module("extra", torch.nn.Linear(8, 8))
+    net = _perturbed_lora(teacher, lora_targets=["extra", "to_q"])
+    with pytest.raises(StepdistillError, match="LoRA on 'extra' has no counterpart") as err:
+        teacher.backbone.kohya_state_dict(net, "student")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")
+def test_the_kohya_file_loads_in_diffusers_as_the_student_at_flux1_width(tiny_flux, tmp_path, one_thread):
+    """FluxPipeline.load_lora_weights(folder, weight_name=kohya file) (diffusers' sd-scripts converter) gives a
+    transformer that predicts as the trained student (alpha != rank, every linear layer of both block types).
+    The converter splits single_blocks linear1 at FLUX.1's own widths (3 x 3072 + 12288), so this transformer is
+    FLUX.1 wide (24 heads x 128) with one block of each kind and the tiny pipeline's text widths.
+    diffusers 0.42 reads the network-level modules (img_in, txt_in, time_in, vector_in, guidance_in, final_layer)
+    to the right weights but without the "transformer." prefix, so load_lora_weights drops them: those are checked
+    on the converted state dict (ComfyUI reads them; the diffusers-format file is diffusers' own)."""
+    import dataclasses
+
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft.tuners.lora import LoraLayer
+
+    from stepdistill.backbones.base import Conditioning
+    from stepdistill.config import StudentConfig
+    from stepdistill.denoiser import adapter_scope
+    from stepdistill.export import KOHYA_FILE, export_student, pipeline_with_net
+    from stepdistill.models import add_lora
+
+    teacher = _teacher(tiny_flux)
+    torch.manual_seed(0)
+    wide = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    wide.requires_grad_(False).eval()
+    teacher = dataclasses.replace(teacher, net=wide, components={**teacher.components, "transformer": wide})
+    blocks = [t for t in ALL_LINEARS if t not in ("proj_out", "norm_out.linear", "x_embedder", "context_embedder",
+                                                  "linear_1", "linear_2")] + ["single_transformer_blocks.0.proj_out"]
+    net = _perturbed_lora(teacher, lora_targets=blocks)
+    out = export_student(teacher, net, _spec(teacher), "lora", tmp_path / "lora", "lora")
+    pipe = pipeline_with_net(teacher, net, teacher.components["scheduler"])
+    pipe.load_lora_weights(str(out), weight_name=KOHYA_FILE, adapter_name="kohya")
+    loaded = {n for n, m in net.named_modules() if isinstance(m, LoraLayer) and "kohya" in m.lora_A}
+    assert loaded == {n for n, m in net.named_modules() if isinstance(m, LoraLayer) and "student" in m.lora_A}
+    assert len(loaded) == 20
+
+    g = torch.Generator().manual_seed(1)
+    cond = Conditioning(torch.randn(2, 8, 32, generator=g), torch.randn(2, 32, generator=g))
+    x, t, w = _noise(6), torch.tensor([700.0, 300.0]), torch.full((2,), 2.5)
+    outs = {}
+    with torch.no_grad():
+        for adapter in ("student", "kohya", None):
+            with adapter_scope(net, adapter):
+                outs[adapter] = teacher.backbone.predict(net, net, x, t, cond, w)
+    assert (outs["kohya"] - outs["student"]).abs().max() < 1e-5
+    assert (outs["student"] - outs[None]).abs().max() > 1e-3
+
+    # every linear layer (the network-level ones too): the converter maps each to the student's weight change
+    add_lora(net, StudentConfig(lora_rank=4, lora_alpha=12, lora_targets=ALL_LINEARS), "all")
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".all." in name:
+                p.add_(0.02 * torch.randn_like(p))
+    sd = FluxPipeline.lora_state_dict(teacher.backbone.kohya_state_dict(net, "all"))
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, LoraLayer) and "all" in m.lora_A}
+    assert len(layers) == 30
+    for n, m in layers.items():
+        key = f"transformer.{n}" if n.startswith(("transformer_blocks.", "single_transformer_blocks.")) else n
+        delta = sd.pop(f"{key}.lora_B.weight") @ sd.pop(f"{key}.lora_A.weight")
+        assert torch.allclose(delta, m.get_delta_weight("all"), rtol=1e-5, atol=1e-7), n
+    assert not sd
+
+    # fused modules the student trains only in part: the zero blocks come back as zero LoRAs of the other parts
+    add_lora(net, StudentConfig(lora_rank=4, lora_alpha=12, lora_targets=["to_q", "add_k_proj"]), "some")
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".some." in name:
+                p.add_(0.02 * torch.randn_like(p))
+    sd = FluxPipeline.lora_state_dict(teacher.backbone.kohya_state_dict(net, "some"))
+    parts = {f"{b}.{p}" for b in ("transformer_blocks.0.attn", "single_transformer_blocks.0.attn")
+             for p in ("to_q", "to_k", "to_v")} | {f"transformer_blocks.0.attn.add_{c}_proj" for c in "qkv"}
+    assert {k.removeprefix("transformer.").rsplit(".", 2)[0] for k in sd} == parts | {
+        "single_transformer_blocks.0.proj_mlp"}
+    for k in [k for k in sd if k.endswith("lora_A.weight")]:
+        m = net.get_submodule(k.removeprefix("transformer.").rsplit(".", 2)[0])
+        delta = sd[k.replace("lora_A", "lora_B")] @ sd[k]
+        want = m.get_delta_weight("some") if "some" in m.lora_A else torch.zeros_like(delta)
+        assert torch.allclose(delta, want, rtol=1e-5, atol=1e-7), k

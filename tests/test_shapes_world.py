@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stepdistill.data import shapes
-from stepdistill.shapes_eval import EVAL_DIR, TEACHER_DIR, TEACHER_V_DIR
+from stepdistill.shapes_eval import EVAL_DIR, FLOW_TEACHER_DIR, TEACHER_DIR, TEACHER_V_DIR
 
 
 def _pixels(item):
@@ -109,6 +109,29 @@ def test_the_v_teacher_is_v_prediction_on_scaled_linear_and_shares_the_first_tea
         a, b = eps.components[name].state_dict(), v.components[name].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(next(eps.net.parameters()), next(v.net.parameters()))
+
+
+@pytest.mark.skipif(not (FLOW_TEACHER_DIR / "model_index.json").is_file(),
+                    reason="assets/shapes-flow-teacher not built (tools/shapes/train_flow_teacher.py)")
+@needs_eval
+def test_the_flow_teacher_loads_through_stepdistill_and_follows_its_prompts():
+    """The bundled SD3-layout teacher: a flow schedule, loaded offline (its absent T5 passed as None), and at 25
+    Euler steps with CFG it draws the prompt's position and background far better than at 1 step."""
+    from stepdistill.sampling import generate, load_pipeline
+    from stepdistill.schedule import FlowSchedule
+    from stepdistill.shapes_eval import attribute_accuracy
+
+    from stepdistill.config import ModelConfig
+    from stepdistill.models import load_teacher
+
+    teacher = load_teacher(ModelConfig(teacher=str(FLOW_TEACHER_DIR)))
+    assert teacher.family == "sd3" and isinstance(teacher.schedule, FlowSchedule)
+    pipe, spec = load_pipeline(str(FLOW_TEACHER_DIR))
+    prompts = shapes.shapes_prompts("test", 32)
+    good = attribute_accuracy(generate(pipe, spec, prompts, list(range(32)), steps=25, guidance_scale=3.0), prompts)
+    one = attribute_accuracy(generate(pipe, spec, prompts, list(range(32)), steps=1, guidance_scale=3.0), prompts)
+    assert good["position"] >= 0.8 and good["background"] >= 0.8, good
+    assert good["all"] > one["all"], (one, good)
 
 
 @needs_eval

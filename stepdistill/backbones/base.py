@@ -66,6 +66,16 @@ class Backbone:
     pipelines: tuple[str, ...] = ()  # diffusers pipeline classes whose network this is
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     kohya_prefix: str | None = None  # kohya key prefix where the family has that LoRA convention
+    kohya_readers: str = "ComfyUI and A1111"  # who reads the family's kohya file (the export's model card says)
+
+    def kohya_state_dict(self, net, adapter: str) -> dict[str, torch.Tensor]:
+        """The kohya / sd-scripts LoRA file (`export.KOHYA_FILE`) of `net`'s `adapter`, for a family with a
+        `kohya_prefix`: `<prefix><module path with _>` keys with lora_down / lora_up and each module's alpha (kohya's
+        naming on diffusers module paths, which ComfyUI, A1111 and diffusers' kohya converter read for UNets).
+        Families whose kohya files name another layout (Flux: the BFL reference model's) override this."""
+        from .. import export  # at call time: export imports the backbones
+
+        return export.kohya_state_dict(net, adapter, prefix=self.kohya_prefix)
 
     # --- calling the network ------------------------------------------------------------------------------
     def predict(self, net, module, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,

@@ -13,7 +13,9 @@ class SD3Backbone(Backbone):
     # the image and text streams' attention and feed-forward projections of every joint block
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
-    kohya_prefix = None  # SAI's own key layout fuses q, k, v; ComfyUI reads the diffusers-format file
+    # no kohya file: diffusers' SD3 loader converts no kohya / SAI layout (a lora_unet_joint_blocks_* or
+    # diffusion_model.joint_blocks.* file loads as nothing, with a warning); ComfyUI reads the diffusers-format file
+    kohya_prefix = None
 
     def predict(self, net, module, x, timestep, cond, guidance):
         # the pipeline passes scheduler timesteps (sigma * 1000) as they are

@@ -8,7 +8,8 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-BUNDLED = ("configs/shapes", "assets/shapes-teacher", "assets/shapes-teacher-v", "assets/shapes-eval")
+BUNDLED = ("configs/shapes", "assets/shapes-teacher", "assets/shapes-teacher-v", "assets/shapes-flow-teacher",
+           "assets/shapes-eval")
 
 
 class BuildPyWithBundled(build_py):

@@ -37,21 +37,9 @@ def lora_state_dict(net, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tens
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(net, adapter_name=adapter).items()}
 
 
-def kohya_state_dict(net, adapter: str = STUDENT_ADAPTER, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
-    """`lora_unet_<module>` keys with lora_down / lora_up and each module's true alpha (kohya's sd-scripts
-    naming on diffusers module paths, which ComfyUI, A1111 and diffusers' kohya converter read)."""
-    from peft.tuners.lora import LoraLayer
-
-    out = {}
-    for name, module in net.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            key = prefix + name.replace(".", "_")
-            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
-            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
-    if not out:
-        raise StepdistillError("the student has no LoRA adapter to export; use --format full")
-    return out
+def kohya_state_dict(teacher: Teacher, net, adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
+    """The kohya / ComfyUI LoRA file of `net`'s adapter, in the teacher family's layout (`Backbone.kohya_state_dict`)."""
+    return teacher.backbone.kohya_state_dict(net, adapter)
 
 
 def merged_network(net, adapter: str = STUDENT_ADAPTER):
@@ -111,7 +99,7 @@ def export_student(teacher: Teacher, net, spec: SamplingSpec, fmt: str, out: str
             cls.save_lora_weights(str(tmp), safe_serialization=True, **{f"{name}_lora_layers": lora_state_dict(net),
                                                                         f"{name}_lora_adapter_metadata": metadata})
             if teacher.backbone.kohya_prefix:
-                save_file(teacher.backbone.kohya_state_dict(net, STUDENT_ADAPTER), str(tmp / KOHYA_FILE))
+                save_file(kohya_state_dict(teacher, net), str(tmp / KOHYA_FILE))
             make_scheduler(spec).save_pretrained(str(tmp / "scheduler"))
         elif fmt == "full":
             plain = merged_network(net) if student_type == "lora" else net

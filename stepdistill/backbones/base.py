@@ -54,6 +54,24 @@ class Conditioning:
         return self.embeds.shape[0]
 
 
+def kohya_lora_layers(net, adapter: str, prefix: str) -> dict[str, torch.Tensor]:
+    """`<prefix><module path with _>` keys with lora_down / lora_up and each module's true alpha."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..errors import StepdistillError
+
+    out = {}
+    for name, module in net.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            key = prefix + name.replace(".", "_")
+            out[f"{key}.lora_down.weight"] = module.lora_A[adapter].weight.detach().float().cpu().contiguous()
+            out[f"{key}.lora_up.weight"] = module.lora_B[adapter].weight.detach().float().cpu().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha[adapter]))
+    if not out:
+        raise StepdistillError("the student has no LoRA adapter to export; use --format full")
+    return out
+
+
 class Backbone:
     """One kind of diffusers network (UNet2DConditionModel, SD3Transformer2DModel, ...).
 
@@ -73,9 +91,7 @@ class Backbone:
         `kohya_prefix`: `<prefix><module path with _>` keys with lora_down / lora_up and each module's alpha (kohya's
         naming on diffusers module paths, which ComfyUI, A1111 and diffusers' kohya converter read for UNets).
         Families whose kohya files name another layout (Flux: the BFL reference model's) override this."""
-        from .. import export  # at call time: export imports the backbones
-
-        return export.kohya_state_dict(net, adapter, prefix=self.kohya_prefix)
+        return kohya_lora_layers(net, adapter, self.kohya_prefix)
 
     # --- calling the network ------------------------------------------------------------------------------
     def predict(self, net, module, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,

@@ -42,7 +42,12 @@ def test_loads_with_a_flow_schedule_and_the_pipelines_prompt_encoding(tiny_sd3, 
     assert teacher.latent_shape(32) == (4, 8, 8) and teacher.absent == ("text_encoder_3", "tokenizer_3")
     cond = teacher.prompt_encoder(PROMPTS, 32)
     embeds, _, pooled, _ = _pipe(tiny_sd3).encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False)
-    assert torch.equal(cond.embeds, embeds) and torch.equal(cond.pooled, pooled)
+    assert torch.equal(cond.pooled, pooled)
+    # without T5 the pipeline's 256 all-zero "T5" tokens are one token that stands for 256 (exact: the loop test)
+    n = cond.embeds.shape[1] - 1
+    assert embeds.shape[1] == n + 256 and torch.equal(cond.embeds[:, :n], embeds[:, :n])
+    assert not cond.embeds[:, n:].any() and not embeds[:, n:].any()
+    assert cond.repeats.tolist() == [[1.0] * n + [256.0]] * 2
     scale, shift = teacher.backbone.latent_norm(teacher.vae)
     z = torch.randn(2, 4, 8, 8)
     assert shift != 0 and torch.allclose(teacher.from_latents(teacher.to_latents(z)), z, atol=1e-6)
@@ -231,3 +236,35 @@ def test_sd3_exports_load_and_their_model_card_snippet_runs(tiny_sd3, tmp_path, 
     from PIL import Image
 
     assert Image.open(tmp_path / "sample.png").size == (32, 32)
+
+
+def test_repeated_token_attention_equals_the_full_context_on_sd35_blocks(one_thread):
+    """SD3.5's qk-norm and dual-attention blocks: 256 identical text tokens computed as one (+ log 256) give the
+    same image output as the full context, and a call without repeats is diffusers' own processor."""
+    from diffusers import SD3Transformer2DModel
+
+    from stepdistill.backbones.base import Conditioning
+    from stepdistill.backbones.sd3 import SD3Backbone
+
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=8,
+                                qk_norm="rms_norm", dual_attention_layers=(0,)).eval()
+    with torch.no_grad():  # random modulation and outputs (SD3's zero inits would hide every path)
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, pooled = torch.randn(2, 4, 8, 8), torch.tensor([900.0, 100.0]), torch.randn(2, 8)
+    text = torch.randn(2, 5, 16)
+    zeros = torch.zeros(2, 256, 16)
+    with torch.no_grad():
+        full = net(hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([text, zeros], 1),
+                   pooled_projections=pooled).sample
+        repeats = torch.ones(2, 6)
+        repeats[:, -1] = 256
+        short = SD3Backbone().predict(net, net, x, t, Conditioning(torch.cat([text, zeros[:, :1]], 1), pooled,
+                                                                    repeats=repeats), None)
+        again = net(hidden_states=x, timestep=t, encoder_hidden_states=torch.cat([text, zeros], 1),
+                    pooled_projections=pooled).sample  # now through our processor, without repeats
+    assert (full - short).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
+    assert torch.equal(full, again)

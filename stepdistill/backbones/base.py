@@ -21,6 +21,9 @@ class Conditioning:
     pooled: torch.Tensor | None = None  # pooled text embedding: SDXL text_embeds, SD3 / Flux pooled_projections
     time_ids: torch.Tensor | None = None  # SDXL: (original size, crop, target size)
     mask: torch.Tensor | None = None  # (B, L) attention mask of `embeds` (Sana, PixArt, Qwen-Image)
+    # (B, L) how many identical text tokens each token of `embeds` stands for (SD3 without T5: its 256 all-zero
+    # "T5" tokens as one, attended with + log 256, the same softmax); None: one each
+    repeats: torch.Tensor | None = None
 
     def map(self, fn) -> "Conditioning":
         return replace(self, **{f.name: fn(v) for f in fields(self) if (v := getattr(self, f.name)) is not None})
@@ -35,8 +38,9 @@ class Conditioning:
             return self
         if self.mask is None:
             raise ValueError("conditionings of different text lengths need attention masks to be joined")
+        repeats = None if self.repeats is None else torch.nn.functional.pad(self.repeats, (0, pad), value=1.0)
         return replace(self, embeds=torch.nn.functional.pad(self.embeds, (0, 0, 0, pad)),
-                       mask=torch.nn.functional.pad(self.mask, (0, pad)))
+                       mask=torch.nn.functional.pad(self.mask, (0, pad)), repeats=repeats)
 
     @staticmethod
     def concat(rows: list["Conditioning"]) -> "Conditioning":

@@ -82,14 +82,14 @@ from common import Logger, images_tensor, seed_all, write_json
 from train_teacher import encode_latents
 
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from stepdistill.backbones.sd3 import T5_TOKENS, use_repeated_token_attention  # the zero "T5" tokens as one
+
 BUNDLED = os.path.join(common.ROOT, "assets", "shapes-teacher")
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
-T5_TOKENS = 256  # StableDiffusion3Pipeline's default max_sequence_length: the zero "T5" tokens without a T5
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -119,45 +119,6 @@ def make_transformer(text_width: int, pooled_width: int, layers=4, heads=4, head
     return tr
 
 
-class RepeatedTokenJointAttnProcessor(JointAttnProcessor2_0):
-    """diffusers' JointAttnProcessor2_0 where the last context token stands for `repeats` identical tokens: its
-    key's attention logit gets + log(repeats), which is exactly the softmax over that many copies."""
-
-    def __init__(self, repeats: int):
-        super().__init__()
-        self.log_repeats = math.log(repeats)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        residual = hidden_states
-        b = hidden_states.shape[0]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = self.log_repeats
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1), dropout_p=0.0)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
-        hidden_states, encoder_hidden_states = out[:, : residual.shape[1]], out[:, residual.shape[1]:]
-        if not attn.context_pre_only:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        return hidden_states, encoder_hidden_states
-
-
 def clip_conditioning(te1, te2, ids, joint_dim):
     """(CLIP part of prompt_embeds (B, 24, joint_dim), pooled_prompt_embeds (B, 256)) as SD3's encode_prompt."""
     o1 = te1(ids, output_hidden_states=True)
@@ -169,6 +130,13 @@ def clip_conditioning(te1, te2, ids, joint_dim):
 
 def with_t5_zeros(clip, n=T5_TOKENS):
     return torch.cat([clip, clip.new_zeros(clip.shape[0], n, clip.shape[-1])], dim=1)
+
+
+def repeats_kwargs(clip):
+    """The transformer's joint_attention_kwargs for `with_t5_zeros(clip, 1)`: its last token stands for 256."""
+    repeats = clip.new_ones(clip.shape[0], clip.shape[1] + 1)
+    repeats[:, -1] = T5_TOKENS
+    return {"context_repeats": repeats}
 
 
 def flow_scheduler(shift: float) -> FlowMatchEulerDiscreteScheduler:
@@ -218,8 +186,9 @@ def check_repeated_token(transformer, clip, pooled, log):
         for p in probe.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     full = probe(x, encoder_hidden_states=with_t5_zeros(clip), pooled_projections=pooled, timestep=t).sample
-    probe.set_attn_processor(RepeatedTokenJointAttnProcessor(T5_TOKENS))
-    short = probe(x, encoder_hidden_states=with_t5_zeros(clip, 1), pooled_projections=pooled, timestep=t).sample
+    use_repeated_token_attention(probe)
+    short = probe(x, encoder_hidden_states=with_t5_zeros(clip, 1), pooled_projections=pooled, timestep=t,
+                  joint_attention_kwargs=repeats_kwargs(clip)).sample
     err = (full - short).abs().max().item()
     assert err < 1e-4 * max(1.0, full.abs().max().item()), err
     log(f"repeated-token attention = full context (max abs diff {err:.2e}, output scale {full.abs().max():.2f})")
@@ -433,7 +402,7 @@ def main():
     ema_params = list(ema_tr.parameters()) + (list(ema_te1.parameters()) + list(ema_te2.parameters())
                                               if train_te else [])
     if not a.full_context:  # training copy only; ema_tr keeps diffusers' processor (it is what gets saved)
-        tr.set_attn_processor(RepeatedTokenJointAttnProcessor(T5_TOKENS))
+        use_repeated_token_attention(tr)
     t5_len = T5_TOKENS if a.full_context else 1
     g = torch.Generator().manual_seed(a.seed)
     step = 0
@@ -498,7 +467,7 @@ def main():
         with torch.set_grad_enabled(train_te):
             clip, pooled = clip_conditioning(te1, te2, cid, joint_dim)
         pred = tr(xt, encoder_hidden_states=with_t5_zeros(clip, t5_len), pooled_projections=pooled,
-                  timestep=sigma * 1000).sample
+                  timestep=sigma * 1000, joint_attention_kwargs=None if a.full_context else repeats_kwargs(clip)).sample
         loss = F.mse_loss(pred, noise - x0)  # logit_normal: unit weights (compute_loss_weighting_for_sd3)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -234,11 +234,15 @@ def _init_parameters(cls) -> set[str]:
     return set(inspect.signature(cls.__init__).parameters)
 
 
+def samples_flow(scheduler_class: str, config: dict) -> bool:
+    """Whether a scheduler samples flow matching (the FlowMatch schedulers, flow prediction types)."""
+    return scheduler_class.startswith("FlowMatch") or (config.get("prediction_type") or "") in ("flow", "flow_prediction")
+
+
 def schedule_from_scheduler(scheduler_class: str, config: dict, teacher: str) -> NoiseSchedule:
     """The noise schedule of the teacher's scheduler: flow matching for the FlowMatch schedulers and DPM-Solver on
     flow sigmas (Sana's; flow prediction types), the discrete VP schedule of its betas otherwise."""
-    prediction = config.get("prediction_type") or ""
-    if scheduler_class.startswith("FlowMatch") or prediction in ("flow", "flow_prediction"):
+    if samples_flow(scheduler_class, config):
         dpm_flow = scheduler_class == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas")
         if not scheduler_class.startswith("FlowMatch") and not dpm_flow:
             raise StepdistillError(f"teacher '{teacher}' samples flow matching with {scheduler_class}; only "

@@ -18,7 +18,7 @@ import torch
 
 from .errors import StepdistillError
 from .backbones import backbone_for_pipeline
-from .models import absent_components, read_pipeline_class
+from .models import absent_components, read_pipeline_class, samples_flow
 from .utils import bundled_path, load_error_line
 
 SPEC_FILE = "stepdistill.json"
@@ -237,6 +237,8 @@ def load_pipeline(model: str, *, device="cpu", dtype=torch.float32, scheduler: s
     if spec is None:
         spec = SamplingSpec(format="pipeline", scheduler_class=type(pipe.scheduler).__name__,
                             scheduler_config=dict(pipe.scheduler.config), num_inference_steps=25, guidance_scale=7.5)
+    if scheduler == "auto":  # a baseline sampler: DDIM for VP pipelines, a flow pipeline's own scheduler
+        scheduler = None if samples_flow(spec.scheduler_class, spec.scheduler_config) else "ddim"
     if scheduler is not None:
         spec = dataclasses.replace(spec, scheduler_class=scheduler_class(scheduler).__name__, timesteps=None,
                                    sigmas=None)

@@ -268,3 +268,14 @@ def test_repeated_token_attention_equals_the_full_context_on_sd35_blocks(one_thr
                     pooled_projections=pooled).sample  # now through our processor, without repeats
     assert (full - short).abs().max() < 1e-5 * max(1.0, full.abs().max().item())
     assert torch.equal(full, again)
+
+
+def test_auto_baseline_scheduler_keeps_a_flow_teachers_own(tiny_sd3, tiny_sd, one_thread):
+    """`evaluate --teacher` samples a flow teacher with its FlowMatch scheduler (DDIM on flow sigmas is wrong)
+    and a VP teacher with DDIM."""
+    from stepdistill.sampling import load_pipeline
+
+    pipe, spec = load_pipeline(tiny_sd3, scheduler="auto")
+    assert spec.scheduler_class == "FlowMatchEulerDiscreteScheduler" == type(pipe.scheduler).__name__
+    pipe, spec = load_pipeline(tiny_sd, scheduler="auto")
+    assert spec.scheduler_class == "DDIMScheduler" == type(pipe.scheduler).__name__

@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = [("configs/shapes/dmd2_1step.yaml", [1]), ("configs/shapes/dmd2_4step.yaml", [1, 2, 4]),
                 ("configs/shapes/vsd_1step.yaml", [1]), ("configs/shapes/consistency_lora.yaml", [1, 2, 4])]
 # other configs evaluated at these step counts with --configs (the rest: one step)
-STEPS = {"configs/shapes/adversarial_4step.yaml": [1, 2, 4], "configs/shapes/consistency_adversarial.yaml": [1, 2, 4]}
+STEPS = {"configs/shapes/adversarial_4step.yaml": [1, 2, 4], "configs/shapes/consistency_adversarial.yaml": [1, 2, 4],
+         # the bundled flow DiT's students (--teacher assets/shapes-flow-teacher)
+         "configs/shapes/dit_consistency_lora.yaml": [1, 2, 4], "configs/shapes/dit_dmd2_4step.yaml": [1, 2, 4],
+         "configs/shapes/dit_adversarial_4step.yaml": [1, 2, 4]}
 
 
 def _env(threads: int) -> dict:
@@ -185,7 +188,7 @@ def main(argv=None):
                      f"{_fmt(r.get('attribute_accuracy'), 2)} | {'-' if wall is None else f'{wall / 60:.1f} min'} |")
     table = "\n".join(lines)
     header = (f"Shapes world, {args.num_images} images per row (seeds {args.seed}..), teacher "
-              f"`{args.teacher}` ({json.dumps(teacher_info)}), teacher CFG {args.teacher_guidance} with DDIM; "
+              f"`{args.teacher}` ({json.dumps(teacher_info)}), teacher CFG {args.teacher_guidance} with its own scheduler; "
               f"students with their exported schedulers and timesteps. Command: "
               f"`python tools/shapes_results.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
     (out / "results.md").write_text(header + "\n\n" + table + "\n")

@@ -51,7 +51,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None, help="base pipeline for LoRA exports (default: the export's)")
     p.add_argument("--teacher", default=None, help="also evaluate this pipeline (the teacher) for comparison")
     p.add_argument("--teacher-steps", default=None, help="teacher step counts (default: 25)")
-    p.add_argument("--teacher-scheduler", default="ddim", help="teacher scheduler (default: ddim)")
+    p.add_argument("--teacher-scheduler", default="auto",
+                   help="teacher scheduler (default auto: DDIM, or a flow-matching teacher's own scheduler)")
     p.add_argument("--teacher-guidance", type=float, default=None, help="teacher guidance scale")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", default="shapes:test",

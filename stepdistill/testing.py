@@ -46,9 +46,9 @@ def build_tiny_pipeline(folder: str | Path, *, sdxl: bool = False, prediction_ty
     folder = Path(folder)
     torch.manual_seed(seed)
     text_cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=64,
-                    num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16, vocab_size=80,
-                    projection_dim=32)
+                    num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16, projection_dim=32)
     tok = write_char_tokenizer(folder / "_tok")
+    text_cfg["vocab_size"] = len(tok)  # every token id has an embedding row (82: a word-final "'" or "-" is 80, 81)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=32)

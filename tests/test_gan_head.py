@@ -106,3 +106,18 @@ def test_dmd2_head_learns_in_the_trainer_loop(tmp_path):
     acc = 0.5 * float((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
     trainer.close()
     assert acc > 0.95, (acc, float(real_logits.mean()), float(fake_logits.mean()))
+
+
+def test_text_vector_is_the_mean_over_the_prompts_own_tokens():
+    """Without a pooled embedding, heads see the mean over unmasked tokens, each counted as often as it stands
+    for (padding does not dilute a short prompt's vector)."""
+    from stepdistill.backbones.base import Conditioning
+    from stepdistill.objectives.gan import text_vector
+
+    embeds = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    masked = Conditioning(embeds, mask=torch.tensor([[1, 1, 0]]))
+    assert torch.allclose(text_vector(masked), torch.tensor([[2.0, 3.0]]))
+    repeated = Conditioning(embeds[:, :2], repeats=torch.tensor([[1.0, 3.0]]))
+    assert torch.allclose(text_vector(repeated), torch.tensor([[2.5, 3.5]]))
+    pooled = Conditioning(embeds, pooled=torch.tensor([[7.0, 8.0]]))
+    assert torch.equal(text_vector(pooled), torch.tensor([[7.0, 8.0]]))

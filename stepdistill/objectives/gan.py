@@ -99,9 +99,17 @@ class FeatureHeads(torch.nn.Module):
 
 
 def text_vector(cond) -> torch.Tensor:
-    """What a head is conditioned on: the pooled text embedding where the backbone has one, else the mean over
-    tokens of the per-token embeddings."""
-    return (cond.pooled if cond.pooled is not None else cond.embeds.mean(1)).float()
+    """What a head is conditioned on: the pooled text embedding where the backbone has one, else the mean of the
+    per-token embeddings over the prompt's tokens (padding masked out, each token counted as often as it stands
+    for: `Conditioning.mask`, `.repeats`)."""
+    if cond.pooled is not None:
+        return cond.pooled.float()
+    weight = torch.ones(cond.embeds.shape[:2], device=cond.embeds.device)
+    if cond.mask is not None:
+        weight = weight * cond.mask.float()
+    if cond.repeats is not None:
+        weight = weight * cond.repeats.float()
+    return (cond.embeds.float() * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def _group_norm(channels: int, size: int, min_values: int = 16) -> torch.nn.GroupNorm:

@@ -2,6 +2,8 @@
 (CFG 1 / 3 / 4 / 5) ODE from the same x_t (64 noised test latents), and the std of each.
 
     python tools/lcm_per_timestep.py RUN_DIR      # a finished consistency run (RUN_DIR/final/student.safetensors)
+
+Also prints the teacher's own one-step x0 error against its CFG-3 ODE at each t: what a student should beat.
 """
 import sys, torch
 from safetensors.torch import load_file
@@ -15,7 +17,8 @@ teacher = load_teacher(cfg.model, "cpu")
 student = build_student(teacher, cfg.student)
 load_trainable_state_dict(student, load_file(f"{run}/final/student.safetensors"), "w")
 cls = get_objective("consistency")
-obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(cfg.objective.options))
+obj = cls(DistillSetup(teacher, student, cfg.student.type, 1e-4, 32, torch.device("cpu")),
+          cls.parse_options(cfg.objective.options))
 ds = ShapesDataset("test", length=64)
 items = [ds[i] for i in range(64)]
 import numpy as np
@@ -27,7 +30,7 @@ cond, uncond = teacher.prompt_encoder(prompts, 32), teacher.prompt_encoder([""]*
 sched, T = teacher.schedule, 1000
 g = torch.Generator().manual_seed(0)
 w = torch.full((64,), 2.0)  # CFG 3 (LCM w = scale - 1)
-for t0 in [999, 499, 99]:
+for t0 in [999, 799, 499, 299, 99]:
     t = torch.full((64,), t0)
     x = sched.add_noise(z0, torch.randn(z0.shape, generator=g), t)
     with torch.no_grad():
@@ -44,4 +47,5 @@ for t0 in [999, 499, 99]:
             ys[scale] = y
     mse = lambda a, y: ((a - y) ** 2).mean().item()
     print(f"t={t0}: student vs ODE cfg1/3/4/5 " + " ".join(f"{mse(s, y):.4f}" for y in ys.values()) +
-          f" | std student {s.std():.3f} ode " + " ".join(f"{y.std():.3f}" for y in ys.values()) + f" data {z0.std():.3f}")
+          f" | std student {s.std():.3f} ode " + " ".join(f"{y.std():.3f}" for y in ys.values()) + f" data {z0.std():.3f}"
+          f" | teacher one-step x0 vs ODE cfg3 {mse(x0t, ys[3.0]):.4f}")

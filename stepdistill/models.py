@@ -26,6 +26,7 @@ from .utils import BUNDLED_ROOTS, bundled_path, load_error_line, resolve_dtype
 log = logging.getLogger(__name__)
 
 STUDENT_ADAPTER = "student"
+TARGET_ADAPTER = "target"  # a frozen snapshot / EMA of the student's adapter on the same base (progressive, consistency)
 
 
 class PromptEncoder:
@@ -464,11 +465,12 @@ def add_adapter_like(net, source: str, name: str) -> None:
 
 
 @torch.no_grad()
-def copy_adapter(source_net, source: str, net, name: str) -> None:
-    """Copy adapter `source` of `source_net` into adapter `name` of `net` (the same base architecture)."""
+def copy_adapter(source_net, source: str, net, name: str, weight: float = 1.0) -> None:
+    """Copy adapter `source` of `source_net` into adapter `name` of `net` (the same base architecture); a `weight`
+    below 1 moves `name` that fraction of the way instead (an EMA step: weight = 1 - decay)."""
     src = {n.replace(f".{source}.", f".{name}."): p for n, p in source_net.named_parameters() if f".{source}." in n}
     dst = {n: p for n, p in net.named_parameters() if f".{name}." in n}
     if set(src) != set(dst) or not dst:
         raise StepdistillError(f"adapter '{source}' and adapter '{name}' do not have the same layers")
     for n, p in dst.items():
-        p.copy_(src[n])
+        p.lerp_(src[n].to(p.dtype), weight) if weight < 1.0 else p.copy_(src[n])

@@ -186,3 +186,52 @@ def test_guidance_embedded_student_runs_one_network_evaluation_per_step(tiny_sd)
     assert SamplingSpec.from_json(spec.to_json()).embedded_guidance
     old = {k: v for k, v in spec.to_json().items() if k != "embedded_guidance"}  # a spec written before the field
     assert not SamplingSpec.from_json(old).embedded_guidance and SamplingSpec.from_json(old).nfe(4) == 8
+
+
+def test_consistency_lora_ema_target_is_a_trailing_adapter(tiny_sd):
+    """lora_ema_target: the target is the base with a second adapter holding an EMA of the student's adapter
+    (hand-written loss with that target), it gets no gradient, and after an update it moves (1 - decay) of the
+    way to the student."""
+    from stepdistill.denoiser import adapter_scope
+
+    teacher, student = _setup(tiny_sd, "lora")
+    opts = {**OPTS, "lora_ema_target": True, "ema_decay": 0.9}
+    cls = get_objective("consistency")
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(opts))
+    target_params = {n: p for n, p in student.named_parameters() if ".target." in n}
+    student_params = {n: p for n, p in student.named_parameters() if ".student." in n}
+    assert target_params and not any(p.requires_grad for p in target_params.values())
+    with torch.no_grad():  # the target trails: make it differ from the student
+        for n, p in student_params.items():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = _batch(teacher)
+    loss = obj.losses("student", batch, torch.Generator().manual_seed(7))["loss"]
+
+    def call(adapter):
+        def run(x, t, emb, w):
+            with adapter_scope(student, adapter):
+                return student(x, t, encoder_hidden_states=emb).sample
+        return run
+
+    class TeacherView:
+        def __call__(self, *args, **kwargs):
+            with adapter_scope(student, None):
+                return student(*args, **kwargs)
+
+    ref = _hand_written_lcm_loss(TeacherView(), call("student"), call("target"), tiny_sd, batch,
+                                 torch.Generator().manual_seed(7), opts)
+    assert abs(loss.item() - ref.item()) <= 1e-6 * max(1.0, abs(ref.item()))
+    own = _hand_written_lcm_loss(TeacherView(), call("student"), call("student"), tiny_sd, batch,
+                                 torch.Generator().manual_seed(7), opts)
+    assert abs(loss.item() - own.item()) > 1e-4 * abs(own.item())  # the target is not the student itself
+    loss.backward()
+    assert all(p.grad is None for p in target_params.values())
+    name = next(iter(target_params))
+    before, live = target_params[name].clone(), student_params[name.replace(".target.", ".student.")]
+    obj.after_update("student")
+    assert torch.allclose(target_params[name], before + 0.1 * (live - before), atol=1e-7)
+    state = obj.state_dict()
+    with torch.no_grad():
+        target_params[name].zero_()
+    obj.load_state_dict(state)
+    assert torch.equal(target_params[name], state["target"][name])

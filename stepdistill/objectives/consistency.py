@@ -7,7 +7,8 @@ grid of `num_ddim_timesteps` timesteps:
     x_prev = DDIM(x_t, t -> t - k; teacher prediction cond + w (cond - uncond)),   w ~ U[w_min, w_max]
     loss   = d( f_student(x_t, t), sg f_target(x_prev, t - k) )
 
-The target is an EMA of a full student, or the LoRA student itself under no_grad (LCM-LoRA).
+The target is an EMA of a full student, or the LoRA student itself under no_grad (LCM-LoRA), or with
+`lora_ema_target` an EMA of the LoRA weights in a second adapter on the same base.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..denoiser import Denoiser
 from ..ema import EMA
 from ..errors import StepdistillError
 from ..losses import consistency_boundary_scalings, distance
-from ..models import STUDENT_ADAPTER
+from ..models import STUDENT_ADAPTER, TARGET_ADAPTER, add_adapter_like, copy_adapter
 from ..sampling import SamplingSpec, scheduler_timesteps
 from .base import Batch, Objective, StudentSample, TrainedNetwork, register
 
@@ -33,7 +34,8 @@ class ConsistencyOptions:
     loss: Literal["l2", "huber"] = "huber"
     huber_c: float = 0.001
     timestep_scaling: float = 10.0
-    ema_decay: float = 0.95  # target network of full students
+    ema_decay: float = 0.95  # target network of full students (and of LoRA students with lora_ema_target)
+    lora_ema_target: bool = False  # LoRA: the target is an EMA of the adapter, not the student itself (LCM-LoRA)
     num_inference_steps: int = 4  # the student's default step count in the export
     sample_guidance: float | None = None  # pipeline guidance_scale; default 1 (LoRA) or 1 + mean w (embedded)
 
@@ -70,9 +72,15 @@ class Consistency(Objective):
         adapter = STUDENT_ADAPTER if lora else None
         self.student = Denoiser(setup.student, teacher.schedule, adapter=adapter)
         self.student_eval = Denoiser(setup.student, teacher.schedule, adapter=adapter)  # never the DDP wrapper
-        # LCM-LoRA uses the student itself as target; full students use an EMA copy (LCM).
+        # LCM-LoRA uses the student itself as target; full students use an EMA copy (LCM); a LoRA EMA target is
+        # a frozen second adapter on the same base that trails the student's
         self.ema = None if lora else EMA(setup.student, options.ema_decay)
-        self.target = Denoiser(setup.student if lora else self.ema.shadow, teacher.schedule, adapter=adapter)
+        self.lora_ema = lora and options.lora_ema_target
+        if self.lora_ema:
+            add_adapter_like(setup.student, STUDENT_ADAPTER, TARGET_ADAPTER)
+            copy_adapter(setup.student, STUDENT_ADAPTER, setup.student, TARGET_ADAPTER)
+        self.target = Denoiser(setup.student if lora else self.ema.shadow, teacher.schedule,
+                               adapter=TARGET_ADAPTER if self.lora_ema else adapter)
 
     def networks(self):
         return {"student": TrainedNetwork(self.setup.student, self.setup.lr)}
@@ -111,13 +119,24 @@ class Consistency(Objective):
     def after_update(self, network):
         if self.ema is not None:
             self.ema.update(self.setup.student)
+        if self.lora_ema:
+            copy_adapter(self.setup.student, STUDENT_ADAPTER, self.setup.student, TARGET_ADAPTER, 1.0 - self.opt.ema_decay)
+
+    def _target_params(self):
+        return {n: p for n, p in self.setup.student.named_parameters() if f".{TARGET_ADAPTER}." in n}
 
     def state_dict(self):
+        if self.lora_ema:
+            return {"target": {n: p.detach().clone() for n, p in self._target_params().items()}}
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
+    @torch.no_grad()
     def load_state_dict(self, state):
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lora_ema:
+            for n, p in self._target_params().items():
+                p.copy_(state["target"][n])
 
     def student_spec(self):
         o = self.opt

@@ -27,10 +27,9 @@ import torch
 from ..denoiser import Denoiser
 from ..errors import StepdistillError
 from ..losses import l2
-from ..models import STUDENT_ADAPTER, add_adapter_like, copy_adapter
+from ..models import STUDENT_ADAPTER, TARGET_ADAPTER, add_adapter_like, copy_adapter
 from .base import Batch, Objective, Stage, StudentSample, TrainedNetwork, register
 
-TARGET_ADAPTER = "target"
 
 
 @dataclass

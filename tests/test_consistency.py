@@ -72,10 +72,12 @@ OPTS = dict(num_ddim_timesteps=20, w_min=2.0, w_max=6.0, loss="huber", huber_c=0
 
 
 def test_consistency_lora_loss_and_grads_match_hand_written(any_tiny_sd):
+    """LCM-LoRA's own target (the student itself, lora_ema_target false); the EMA target: the test below."""
     teacher, student = _setup(any_tiny_sd, "lora")
     assert teacher.schedule.prediction_type == hand_schedule(any_tiny_sd)[1]
     cls = get_objective("consistency")
-    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(OPTS))
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")),
+              cls.parse_options({**OPTS, "lora_ema_target": False}))
     batch = _batch(teacher)
     loss = obj.losses("student", batch, torch.Generator().manual_seed(7))["loss"]
     params = [p for p in student.parameters() if p.requires_grad]

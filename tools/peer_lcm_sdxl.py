@@ -215,6 +215,7 @@ def ours_cmd(args, teacher: Path, data: Path, steps: int, run: Path) -> list[str
         "objective.name=consistency", f"objective.options.num_ddim_timesteps={o.num_ddim_timesteps}",
         f"objective.options.w_min={o.w_min}", f"objective.options.w_max={o.w_max}",
         "objective.options.loss=huber", "objective.options.huber_c=0.001", "objective.options.timestep_scaling=10.0",
+        "objective.options.lora_ema_target=false",  # diffusers' example: the LoRA student itself is the target
         f"data.source={data}", f"data.resolution={o.resolution}", "data.center_crop=true", "data.random_flip=false",
         f"train.output_dir={run}", "train.seed=0", f"train.max_steps={steps}", f"train.batch_size={o.batch_size}",
         "train.grad_accum=1", f"train.lr={o.lr}", f"train.weight_decay={o.weight_decay}", "train.max_grad_norm=1.0",

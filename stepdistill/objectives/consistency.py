@@ -7,8 +7,9 @@ grid of `num_ddim_timesteps` timesteps:
     x_prev = DDIM(x_t, t -> t - k; teacher prediction cond + w (cond - uncond)),   w ~ U[w_min, w_max]
     loss   = d( f_student(x_t, t), sg f_target(x_prev, t - k) )
 
-The target is an EMA of a full student, or the LoRA student itself under no_grad (LCM-LoRA), or with
-`lora_ema_target` an EMA of the LoRA weights in a second adapter on the same base.
+The target is an EMA of the student: of a full student's weights (LCM), or of a LoRA student's adapter in a
+second adapter on the same base (`lora_ema_target`, the default; false: the LoRA student itself under no_grad, as
+LCM-LoRA's reference script does, which drifts on v-prediction teachers).
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ class ConsistencyOptions:
     huber_c: float = 0.001
     timestep_scaling: float = 10.0
     ema_decay: float = 0.95  # target network of full students (and of LoRA students with lora_ema_target)
-    lora_ema_target: bool = False  # LoRA: the target is an EMA of the adapter, not the student itself (LCM-LoRA)
+    # LoRA: the target is an EMA (ema_decay) of the student's adapter, in a second adapter on the same base; false:
+    # the student itself (LCM-LoRA's reference script), which drifts on a v-prediction teacher (docs/objectives.md)
+    lora_ema_target: bool = True
     num_inference_steps: int = 4  # the student's default step count in the export
     sample_guidance: float | None = None  # pipeline guidance_scale; default 1 (LoRA) or 1 + mean w (embedded)
 
@@ -72,8 +75,8 @@ class Consistency(Objective):
         adapter = STUDENT_ADAPTER if lora else None
         self.student = Denoiser(setup.student, teacher.schedule, adapter=adapter)
         self.student_eval = Denoiser(setup.student, teacher.schedule, adapter=adapter)  # never the DDP wrapper
-        # LCM-LoRA uses the student itself as target; full students use an EMA copy (LCM); a LoRA EMA target is
-        # a frozen second adapter on the same base that trails the student's
+        # full students: an EMA copy (LCM); LoRA students: a frozen second adapter on the same base that trails
+        # the student's, or (lora_ema_target false) the student itself (LCM-LoRA's reference script)
         self.ema = None if lora else EMA(setup.student, options.ema_decay)
         self.lora_ema = lora and options.lora_ema_target
         if self.lora_ema:

@@ -55,7 +55,7 @@ def _raw_unet(unet, adapter):
     return call
 
 
-def _hand_written_x_t_and_scores(teacher_path, unet, batch, x0, gen, w, t_range=(20, 980)):
+def _hand_written_x_t_and_scores(teacher_path, unet, batch, x0, gen, w, t_range=(20, 980), fake_adapter="fake"):
     """Noise x0 to x_t with the objective's draw order (t, then eps); the CFG teacher's and the fake's (x0, eps),
     from their raw outputs (eps or v, as the teacher's scheduler says) converted by hand."""
     ac, prediction_type = hand_schedule(teacher_path)
@@ -65,7 +65,7 @@ def _hand_written_x_t_and_scores(teacher_path, unet, batch, x0, gen, w, t_range=
     a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
     x_t = a * x0.detach() + s * noise
     with torch.no_grad():
-        teacher, fake_score = _raw_unet(unet, None), _raw_unet(unet, "fake")
+        teacher, fake_score = _raw_unet(unet, None), _raw_unet(unet, fake_adapter)
         out_c, out_u = teacher(x_t, t, batch.cond.embeds), teacher(x_t, t, batch.uncond.embeds)
         real = hand_x0_eps(out_u + w * (out_c - out_u), x_t, a, s, prediction_type)
         fake = hand_x0_eps(fake_score(x_t, t, batch.cond.embeds), x_t, a, s, prediction_type)
@@ -119,6 +119,43 @@ def test_generator_loss_reaches_student_weights_only(tiny_sd):
     assert all(g is not None for g in student_grads) and sum(float(g.abs().sum()) for g in student_grads) > 0
     assert all(p.grad is None for p in nets["fake"].params)
     assert all(not p.requires_grad for n, p in student.named_parameters() if ".student." not in n and ".fake." not in n)
+
+
+def test_per_step_fake_scores_judge_and_learn_from_their_own_step(tiny_sd):
+    """fake_per_step: student step k's samples are judged by, and train, fake score k alone."""
+    teacher, _, obj = _objective(tiny_sd, "dmd", "lora", num_steps=3, fake_per_step=True, guidance_scale=2.0)
+    names = [f.adapter for f in obj.fakes]
+    assert names == ["fake", "fake_step1", "fake_step2"]
+    with torch.no_grad():  # make the three fake scores differ (_objective perturbs only "fake")
+        for n, p in teacher.net.named_parameters():
+            if ".fake_step" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    batch = _batch(teacher)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    grads = []
+    for k, name in enumerate(names):
+        out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(7), k)
+        (grad_x0,) = torch.autograd.grad(out["loss"], x0)
+        _, _, _, _, (x0_real, _), (x0_fake, _) = _hand_written_x_t_and_scores(
+            tiny_sd, teacher.net, batch, x0, torch.Generator().manual_seed(7), 2.0, fake_adapter=name)
+        expected = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) / x0.numel()
+        assert (grad_x0 - expected).abs().max() <= 1e-4 * expected.abs().max()
+        grads.append(grad_x0)
+    assert (grads[0] - grads[2]).abs().max() > 1e-2 * grads[0].abs().max()  # the fakes differ: the test can fail
+
+    params = {name: [p for n, p in teacher.net.named_parameters() if f".{name}." in n] for name in names}
+    seen = set()
+    for seed in range(12):  # the fake update: gradients only in the adapter of the step its sample came from
+        step = obj.draw_student(batch, torch.Generator().manual_seed(seed), train=False).context["step"]
+        teacher.net.zero_grad(set_to_none=True)
+        obj.losses("fake", batch, torch.Generator().manual_seed(seed))["loss"].backward()
+        for name, ps in params.items():
+            touched = any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in ps)
+            assert touched == (name == names[step]), (seed, step, name)
+        seen.add(step)
+    assert seen == {0, 1, 2}
+    with pytest.raises(StepdistillError, match="fake_per_step needs fake_score: lora"):
+        _objective(tiny_sd, "dmd", "lora", num_steps=2, fake_per_step=True, fake_score="full")
 
 
 @pytest.mark.parametrize("name,opts", [("dmd", {"fake_score": "lora"}), ("dmd", {"fake_score": "full"}), ("vsd", {})])
@@ -317,6 +354,8 @@ def test_logged_values_are_means_since_the_last_log_for_every_network(tiny_sd, t
                      "objective.options.ttur": 2, "objective.options.regression_weight": 0.5,
                      "objective.options.regression_steps": 2}),
     ("dmd", "full", {"objective.options.fake_score": "full"}),
+    ("dmd", "lora", {"objective.options.num_steps": 2, "objective.options.fake_per_step": True,
+                     "objective.options.gan_weight": 0.1}),
     ("vsd", "lora", {}),
     ("vsd", "full", {}),
 ])
@@ -335,7 +374,7 @@ def test_end_to_end_run_exports(tiny_sd, tmp_path, objective, student_type, opts
         from safetensors.torch import load_file
 
         lora = load_file(str(export / "pytorch_lora_weights.safetensors"))
-        assert lora and not any(".fake." in k or "fake" in k.split(".") for k in lora)
+        assert lora and not any("fake" in k for k in lora)
     else:
         assert (export / "unet").is_dir()
 

@@ -107,16 +107,18 @@ class DMD(DistributionMatching):
         return super().losses(network, batch, gen)
 
     def student_losses(self, sample, batch, gen):
-        return self.generator_losses(sample.x0, batch, gen)
+        return self.generator_losses(sample.x0, batch, gen, self.fake_index(sample))
 
-    def generator_losses(self, x0: torch.Tensor, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """The generator's losses for student samples x0 (a function of x0 alone, so tests can check d/dx0)."""
-        o, b, dev = self.opt, x0.shape[0], x0.device
+    def generator_losses(self, x0: torch.Tensor, batch: Batch, gen: torch.Generator,
+                         k: int = 0) -> dict[str, torch.Tensor]:
+        """The generator's losses for student samples x0 (a function of x0 alone, so tests can check d/dx0),
+        judged by fake score k (fake_per_step: the step that drew them)."""
+        o, b, dev, fake = self.opt, x0.shape[0], x0.device, self.fakes[k]
         t = self.sample_t(b, gen, dev)
         x_t = self.schedule.add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=dev), t)
         with torch.no_grad():
             x0_real, _ = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, o.guidance_scale)
-            x0_fake, _ = self.fake.x0_eps(x_t, t, batch.cond)
+            x0_fake, _ = fake.x0_eps(x_t, t, batch.cond)
         grad = dmd_gradient(x0, x0_real, x0_fake, o.normalize)
         dmd = distribution_matching_surrogate(x0, grad).mean() / x0[0].numel()
         out = {"dmd_loss": dmd}
@@ -125,7 +127,7 @@ class DMD(DistributionMatching):
             t_d = self.sample_t(b, gen, dev, o.disc_t_max)
             x_d = self.schedule.add_noise(x0, torch.randn(x0.shape, generator=gen, device=dev), t_d)
             with frozen(list(self.disc.parameters()) + list(self.fake_params)):  # only x0 gets gradients
-                logits = self.disc(self.fake.features(x_d, t_d, batch.cond, self.taps)[0])
+                logits = self.disc(fake.features(x_d, t_d, batch.cond, self.taps)[0])
             out["gan_loss"] = gan_generator_loss(logits)
             loss = loss + o.gan_weight * out["gan_loss"]
         if o.regression_weight > 0:
@@ -143,9 +145,10 @@ class DMD(DistributionMatching):
 
     def disc_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """The discriminator head on the fake score's deepest features (a UNet's mid block) of noised real images vs student samples."""
-        x_t, t = self.disc_inputs(batch, self.sampler.draw_student(batch, gen, train=False).x0, gen)
+        sample = self.sampler.draw_student(batch, gen, train=False)
+        x_t, t = self.disc_inputs(batch, sample.x0, gen)
         with torch.no_grad():
-            feats = self.fake.features(x_t, t, batch.cond.cat(batch.cond), self.taps)[0]
+            feats = self.fakes[self.fake_index(sample)].features(x_t, t, batch.cond.cat(batch.cond), self.taps)[0]
         real_logits, fake_logits = self.disc_train(feats).chunk(2)
         return {"loss": gan_discriminator_loss(real_logits, fake_logits),
                 "real_logit": real_logits.detach().mean(), "fake_logit": fake_logits.detach().mean()}
@@ -154,13 +157,13 @@ class DMD(DistributionMatching):
         """DMD2's guidance update: denoising score matching + fake_disc_weight * the discriminator loss, whose
         gradient reaches the fake score through the tapped features (the head itself is frozen here and
         learns in its own update). One forward over both inputs: a DDP-wrapped fake score runs once per update."""
-        x0, t, eps = self.fake_score_inputs(batch, gen)
+        x0, t, eps, k = self.fake_score_inputs(batch, gen)
         b = x0.shape[0]
         x_d, t_d = self.disc_inputs(batch, x0, gen)
         x_all = torch.cat([self.schedule.add_noise(x0, eps, t), x_d])
         cond = batch.cond.cat(batch.cond).cat(batch.cond)
         with self.fake.recording(self.taps, x0.shape) as mid, frozen(list(self.disc.parameters())):
-            x0_pred, eps_pred = self.fake_train.x0_eps(x_all, torch.cat([t, t_d]), cond)
+            x0_pred, eps_pred = self.fakes_train[k].x0_eps(x_all, torch.cat([t, t_d]), cond)
             real_logits, fake_logits = self.disc(mid[0][b:]).chunk(2)
         dsm = self.score_matching_loss(x0_pred[:b], eps_pred[:b], x0, eps)
         cls = gan_discriminator_loss(real_logits, fake_logits)

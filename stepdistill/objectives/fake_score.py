@@ -2,6 +2,11 @@
 student's samples (a LoRA adapter "fake" on the teacher's frozen UNet, or a full copy of it).
 
     L_fake = ||eps_fake(x_t) - eps||^2 on sg(x0), t ~ U[0, T)      (or the x0 target: fake_loss = "x0")
+
+An N-step student has one fake score for the mixture of its N steps' outputs (DMD2), or with `fake_per_step` one
+LoRA fake score per step ("fake", "fake_step1", ...), each trained on and judging that step's outputs alone: matching
+only the mixture to the data lets one step's excess make up for another's shortfall, so the last step's outputs are
+pushed past the data to cancel the first step's errors (Phased DMD, Fan et al. 2025, trains per-phase fake scores).
 """
 from __future__ import annotations
 
@@ -22,15 +27,21 @@ from .noise_student import NoiseStudentOptions, NoiseToSample, adapter_params
 FAKE_ADAPTER = "fake"
 
 
-def add_fake_adapter(net, rank: int, alpha: float, targets: list[str] | None = None) -> None:
-    """Add the trainable "fake" LoRA adapter without disturbing the active adapter or its trainable flags
+def fake_adapter_name(step: int) -> str:
+    """The LoRA fake score of student step `step` (with fake_per_step; step 0, and every step without it: "fake")."""
+    return FAKE_ADAPTER if step == 0 else f"{FAKE_ADAPTER}_step{step}"
+
+
+def add_fake_adapter(net, rank: int, alpha: float, targets: list[str] | None = None,
+                     name: str = FAKE_ADAPTER) -> None:
+    """Add a trainable fake-score LoRA adapter without disturbing the active adapter or its trainable flags
     (peft's add_adapter activates the new adapter and freezes the others)."""
     cfg = StudentConfig(type="lora", lora_rank=rank, lora_alpha=alpha)
     if targets:
         cfg.lora_targets = list(targets)
     with adapter_state_kept(net):
-        add_lora(net, cfg, FAKE_ADAPTER)
-    for p in adapter_params(net, FAKE_ADAPTER):
+        add_lora(net, cfg, name)
+    for p in adapter_params(net, name):
         p.requires_grad_(True)
 
 
@@ -43,6 +54,9 @@ class FakeScoreOptions(NoiseStudentOptions):
     fake_lora_rank: int = 16  # the fake score's LoRA on the teacher (fake_score=lora)
     fake_lora_alpha: float = 16.0
     fake_loss: Literal["eps", "x0"] = "eps"  # denoising score matching target of the fake score
+    # N-step students: one LoRA fake score per step, trained on and judging that step's outputs (module docstring)
+    fake_per_step: bool = False
+
     def check(self) -> None:
         super().check()
         if not 0 <= self.t_min <= self.t_max <= 1:
@@ -63,18 +77,24 @@ class DistributionMatching(NoiseToSample):
     def __init__(self, setup, options):
         super().__init__(setup, options)
         teacher, o = setup.teacher, options
+        per_step = o.fake_per_step and o.num_student_steps() > 1
+        if per_step and self.fake_type != "lora":
+            raise StepdistillError("objective.options.fake_per_step needs fake_score: lora (one adapter per step)")
         if self.fake_type == "lora":  # one frozen base: the teacher's network (also the LoRA student's)
-            add_fake_adapter(teacher.net, o.fake_lora_rank, o.fake_lora_alpha)
+            names = [fake_adapter_name(i) for i in range(o.num_student_steps() if per_step else 1)]
+            for name in names:
+                add_fake_adapter(teacher.net, o.fake_lora_rank, o.fake_lora_alpha, name=name)
             self.fake_module = teacher.net
-            self.fake = Denoiser(teacher.net, self.schedule, adapter=FAKE_ADAPTER)
-            self.fake_params = adapter_params(teacher.net, FAKE_ADAPTER)
+            self.fakes = [Denoiser(teacher.net, self.schedule, adapter=name) for name in names]
+            self.fake_params = [p for name in names for p in adapter_params(teacher.net, name)]
         else:  # a full trainable copy of the teacher, without the student's adapter
             fake = copy.deepcopy(teacher.net).float()
             if getattr(fake, "_hf_peft_config_loaded", False):
                 fake.unload_lora()
             self.fake_module = fake.requires_grad_(True).train()
-            self.fake = Denoiser(fake, self.schedule)
+            self.fakes = [Denoiser(fake, self.schedule)]
             self.fake_params = list(fake.parameters())
+        self.fake, self.fakes_train = self.fakes[0], self.fakes
         self.fake_train = self.fake
 
     def networks(self) -> dict[str, TrainedNetwork]:
@@ -83,7 +103,18 @@ class DistributionMatching(NoiseToSample):
 
     def use_wrapped(self, wrapped):
         super().use_wrapped(wrapped)
-        self.fake_train = Denoiser(wrapped["fake"], self.schedule, module=self.fake.module, adapter=self.fake.adapter)
+        self.fakes_train = [Denoiser(wrapped["fake"], self.schedule, module=f.module, adapter=f.adapter)
+                            for f in self.fakes]
+        self.fake_train = self.fakes_train[0]
+
+    def fake_index(self, sample) -> int:
+        """Which fake score judges `sample`: its student step's with fake_per_step, else the one for all steps."""
+        if len(self.fakes) == 1:
+            return 0
+        if self.sampler is not self and getattr(self.sampler, "timesteps", None) != self.timesteps:
+            raise StepdistillError("objective.options.fake_per_step needs the term that draws the student to have "
+                                   "the same student_timesteps")
+        return sample.context["step"]
 
     def sample_t(self, b: int, gen: torch.Generator, device, t_max: float | None = None) -> torch.Tensor:
         t_max = self.opt.t_max if t_max is None else t_max
@@ -92,15 +123,17 @@ class DistributionMatching(NoiseToSample):
 
     # --- the fake score --------------------------------------------------------------------------------------
     def fake_score_inputs(self, batch: Batch, gen: torch.Generator):
-        """(x0, t, eps) of a denoising step: detached student samples, t ~ U[0, T), noise."""
-        x0 = self.sampler.draw_student(batch, gen, train=False).x0
+        """(x0, t, eps, k) of a denoising step: detached student samples, t ~ U[0, T), noise, and the index k of
+        the fake score that learns from them."""
+        sample = self.sampler.draw_student(batch, gen, train=False)
+        x0 = sample.x0
         t = torch.randint(0, self.T, (x0.shape[0],), generator=gen, device=x0.device)
-        return x0, t, torch.randn(x0.shape, generator=gen, device=x0.device)
+        return x0, t, torch.randn(x0.shape, generator=gen, device=x0.device), self.fake_index(sample)
 
     def fake_loss(self, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         """Denoising score matching of the fake score on (detached) student samples."""
-        x0, t, eps = self.fake_score_inputs(batch, gen)
-        x0_pred, eps_pred = self.fake_train.x0_eps(self.schedule.add_noise(x0, eps, t), t, batch.cond)
+        x0, t, eps, k = self.fake_score_inputs(batch, gen)
+        x0_pred, eps_pred = self.fakes_train[k].x0_eps(self.schedule.add_noise(x0, eps, t), t, batch.cond)
         return {"loss": self.score_matching_loss(x0_pred, eps_pred, x0, eps)}
 
     def score_matching_loss(self, x0_pred, eps_pred, x0, eps) -> torch.Tensor:

@@ -126,6 +126,10 @@ class NoiseToSample(Objective):
 
     def student_sample(self, batch: Batch, gen: torch.Generator, train: bool) -> torch.Tensor:
         """x0 of a random step i of the student (always 0 for a one-step student), with grad when `train`."""
+        return self.draw_student(batch, gen, train).x0
+
+    def draw_student(self, batch: Batch, gen: torch.Generator, train: bool) -> StudentSample:
+        """The student's x0 at a random step i (always 0 for a one-step student; with grad when `train`), and i."""
         b, dev = len(batch.cond), batch.cond.embeds.device
         ts = self.timesteps
         i = int(torch.randint(0, len(ts), (1,), generator=gen, device=dev)) if len(ts) > 1 else 0
@@ -135,10 +139,7 @@ class NoiseToSample(Objective):
         else:
             x = self.rollout(x, batch.cond, i, gen)
         with torch.set_grad_enabled(train):
-            return self.student_x0(x, ts[i], batch.cond, train=train)
-
-    def draw_student(self, batch: Batch, gen: torch.Generator, train: bool) -> StudentSample:
-        return StudentSample(self.student_sample(batch, gen, train))
+            return StudentSample(self.student_x0(x, ts[i], batch.cond, train=train), {"step": i})
 
     @torch.no_grad()
     def teacher_ode(self, z: torch.Tensor, batch: Batch, steps: int, guidance_scale: float) -> torch.Tensor:

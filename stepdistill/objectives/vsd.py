@@ -49,7 +49,7 @@ class VSD(DistributionMatching):
         return super().losses(network, batch, gen)
 
     def student_losses(self, sample, batch, gen):
-        return self.generator_losses(sample.x0, batch, gen)
+        return self.generator_losses(sample.x0, batch, gen, self.fake_index(sample))
 
     def weight(self, x0, x0_real, t) -> torch.Tensor:
         kind = self.opt.weighting
@@ -61,13 +61,14 @@ class VSD(DistributionMatching):
         a, s = (v.to(x0.device) for v in self.schedule.alpha_sigma(t))
         return (s / a) / (x0.float() - x0_real.float()).abs().flatten(1).mean(1).clamp_min(1e-8)
 
-    def generator_losses(self, x0: torch.Tensor, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def generator_losses(self, x0: torch.Tensor, batch: Batch, gen: torch.Generator,
+                         k: int = 0) -> dict[str, torch.Tensor]:
         b, dev = x0.shape[0], x0.device
         t = self.sample_t(b, gen, dev)
         x_t = self.schedule.add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=dev), t)
         with torch.no_grad():
             x0_real, eps_real = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
-            _, eps_fake = self.fake.x0_eps(x_t, t, batch.cond)
+            _, eps_fake = self.fakes[k].x0_eps(x_t, t, batch.cond)
         grad = vsd_gradient(eps_real, eps_fake, self.weight(x0, x0_real, t))
         loss = distribution_matching_surrogate(x0, grad).mean() / x0[0].numel()
         return {"loss": loss, "vsd_loss": loss.detach()}

@@ -4,9 +4,10 @@ student's samples (a LoRA adapter "fake" on the teacher's frozen UNet, or a full
     L_fake = ||eps_fake(x_t) - eps||^2 on sg(x0), t ~ U[0, T)      (or the x0 target: fake_loss = "x0")
 
 An N-step student has one fake score for the mixture of its N steps' outputs (DMD2), or with `fake_per_step` one
-LoRA fake score per step ("fake", "fake_step1", ...), each trained on and judging that step's outputs alone: matching
-only the mixture to the data lets one step's excess make up for another's shortfall, so the last step's outputs are
-pushed past the data to cancel the first step's errors (Phased DMD, Fan et al. 2025, trains per-phase fake scores).
+LoRA fake score per step ("fake", "fake_step1", ...), each trained on and judging that step's outputs alone (as
+Phased DMD does per phase): matching only the mixture to the data lets one step's excess make up for another's
+shortfall. Measured on the flow DiT (docs/objectives.md): it narrows the gap between step counts but is worse at
+each, every adapter getting 1/N of the fake updates; so it is off by default.
 """
 from __future__ import annotations
 

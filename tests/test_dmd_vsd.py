@@ -64,6 +64,7 @@ def _hand_written_x_t_and_scores(teacher_path, unet, batch, x0, gen, w, t_range=
     noise = torch.randn(x0.shape, generator=gen)
     a, s = ac[t].sqrt().view(-1, 1, 1, 1), (1 - ac[t]).sqrt().view(-1, 1, 1, 1)
     x_t = a * x0.detach() + s * noise
+    w = w(t).view(-1, 1, 1, 1) if callable(w) else w  # a guidance interval: the scale depends on t
     with torch.no_grad():
         teacher, fake_score = _raw_unet(unet, None), _raw_unet(unet, fake_adapter)
         out_c, out_u = teacher(x_t, t, batch.cond.embeds), teacher(x_t, t, batch.uncond.embeds)
@@ -89,6 +90,31 @@ def test_dmd_generator_gradient_matches_hand_written(any_tiny_sd, student_type):
     expected = grad / x0.numel()  # loss = mean over batch and elements of 0.5 ||x0 - sg(x0 - grad)||^2
     assert grad.abs().max() > 1e-3  # fake != teacher: the test means something
     assert (grad_x0 - expected).abs().max() <= 1e-4 * expected.abs().max()  # fp32 op-order noise only
+
+
+def test_dmd_guidance_interval_leaves_low_noise_levels_unguided(tiny_sd):
+    """guidance_t_min: the real score is CFG-guided only at t >= guidance_t_min T, the conditional one below."""
+    w, t_min = 2.5, 0.5
+    teacher, _, obj = _objective(tiny_sd, "dmd", "lora", guidance_scale=w, guidance_t_min=t_min)
+    batch = _batch(teacher)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    for seed in range(3):
+        out = obj.generator_losses(x0, batch, torch.Generator().manual_seed(seed))
+        (grad_x0,) = torch.autograd.grad(out["loss"], x0)
+        scale_of_t = lambda t: torch.where(t >= t_min * 1000, w, 1.0)  # noqa: E731
+        t, _, _, _, (x0_real, _), (x0_fake, _) = _hand_written_x_t_and_scores(
+            tiny_sd, teacher.net, batch, x0, torch.Generator().manual_seed(seed), scale_of_t)
+        expected = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) / x0.numel()
+        assert (grad_x0 - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # the draws cover both sides of the interval, and the unguided side differs from a guided one
+    _, _, _, _, (guided, _), _ = _hand_written_x_t_and_scores(tiny_sd, teacher.net, batch, x0,
+                                                               torch.Generator().manual_seed(0), w)
+    _, _, _, _, (mixed, _), _ = _hand_written_x_t_and_scores(tiny_sd, teacher.net, batch, x0,
+                                                              torch.Generator().manual_seed(0), scale_of_t)
+    t0 = _hand_written_x_t_and_scores(tiny_sd, teacher.net, batch, x0, torch.Generator().manual_seed(0), w)[0]
+    low = t0 < t_min * 1000
+    assert low.any() and (~low).any()
+    assert torch.allclose(guided[~low], mixed[~low]) and (guided[low] - mixed[low]).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("student_type", ["lora", "full"])
@@ -319,6 +345,7 @@ def test_one_step_student_at_a_lower_conditioning_timestep_samples_there(tiny_sd
     ({"student_timesteps": [1000]}, "must be < 1000"),
     ({"gan_weight": 0.1, "disc_t_max": 0.01}, "disc_t_max must be in"),
     ({"gan_weight": 0.1, "fake_disc_weight": -1}, "fake_disc_weight"),
+    ({"guidance_t_min": 1.5}, "guidance_t_min must be in"),
 ])
 def test_bad_options_are_refused(tiny_sd, opts, message):
     with pytest.raises(StepdistillError, match=message):

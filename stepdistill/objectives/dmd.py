@@ -117,7 +117,7 @@ class DMD(DistributionMatching):
         t = self.sample_t(b, gen, dev)
         x_t = self.schedule.add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=dev), t)
         with torch.no_grad():
-            x0_real, _ = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, o.guidance_scale)
+            x0_real, _ = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, self.real_guidance(t))
             x0_fake, _ = fake.x0_eps(x_t, t, batch.cond)
         grad = dmd_gradient(x0, x0_real, x0_fake, o.normalize)
         dmd = distribution_matching_surrogate(x0, grad).mean() / x0[0].numel()

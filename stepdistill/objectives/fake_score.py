@@ -49,6 +49,9 @@ def add_fake_adapter(net, rank: int, alpha: float, targets: list[str] | None = N
 @dataclass
 class FakeScoreOptions(NoiseStudentOptions):
     guidance_scale: float = 3.0  # the real score's CFG scale (pred = uncond + w (cond - uncond))
+    # the real score is guided only where t >= guidance_t_min T, below it it is the conditional prediction (scale 1):
+    # guidance at low noise levels reshapes fine detail (Kynkaanniemi et al. 2024, guidance in a limited interval)
+    guidance_t_min: float = 0.0
     t_min: float = 0.02  # the generator loss noises the student output to t ~ U[t_min T, t_max T]
     t_max: float = 0.98
     fake_lr: float | None = None  # default: train.lr
@@ -64,6 +67,8 @@ class FakeScoreOptions(NoiseStudentOptions):
             raise StepdistillError("objective.options needs 0 <= t_min <= t_max <= 1")
         if self.guidance_scale < 0:
             raise StepdistillError("objective.options.guidance_scale must be >= 0")
+        if not 0 <= self.guidance_t_min <= 1:
+            raise StepdistillError("objective.options.guidance_t_min must be in [0, 1]")
         if self.fake_lr is not None and self.fake_lr <= 0:
             raise StepdistillError("objective.options.fake_lr must be > 0")
         if self.fake_lora_rank < 1:
@@ -121,6 +126,13 @@ class DistributionMatching(NoiseToSample):
         t_max = self.opt.t_max if t_max is None else t_max
         lo, hi = int(self.opt.t_min * self.T), min(int(t_max * self.T), self.T - 1)
         return torch.randint(lo, hi + 1, (b,), generator=gen, device=device)
+
+    def real_guidance(self, t: torch.Tensor) -> torch.Tensor | float:
+        """The real score's CFG scale at timesteps t: guidance_scale, or 1 below guidance_t_min T."""
+        w = self.opt.guidance_scale
+        if self.opt.guidance_t_min <= 0:
+            return w
+        return torch.where(t >= self.opt.guidance_t_min * self.T, w, 1.0).float()
 
     # --- the fake score --------------------------------------------------------------------------------------
     def fake_score_inputs(self, batch: Batch, gen: torch.Generator):

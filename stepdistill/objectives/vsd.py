@@ -67,7 +67,7 @@ class VSD(DistributionMatching):
         t = self.sample_t(b, gen, dev)
         x_t = self.schedule.add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=dev), t)
         with torch.no_grad():
-            x0_real, eps_real = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, self.opt.guidance_scale)
+            x0_real, eps_real = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, self.real_guidance(t))
             _, eps_fake = self.fakes[k].x0_eps(x_t, t, batch.cond)
         grad = vsd_gradient(eps_real, eps_fake, self.weight(x0, x0_real, t))
         loss = distribution_matching_surrogate(x0, grad).mean() / x0[0].numel()

@@ -100,8 +100,7 @@ class DistributionMatching(NoiseToSample):
             self.fake_module = fake.requires_grad_(True).train()
             self.fakes = [Denoiser(fake, self.schedule)]
             self.fake_params = list(fake.parameters())
-        self.fake, self.fakes_train = self.fakes[0], self.fakes
-        self.fake_train = self.fake
+        self.fake, self.fakes_train = self.fakes[0], self.fakes  # fakes_train: through the DDP wrapper once wrapped
 
     def networks(self) -> dict[str, TrainedNetwork]:
         o, lr = self.opt, self.setup.lr
@@ -111,7 +110,6 @@ class DistributionMatching(NoiseToSample):
         super().use_wrapped(wrapped)
         self.fakes_train = [Denoiser(wrapped["fake"], self.schedule, module=f.module, adapter=f.adapter)
                             for f in self.fakes]
-        self.fake_train = self.fakes_train[0]
 
     def fake_index(self, sample) -> int:
         """Which fake score judges `sample`: its student step's with fake_per_step, else the one for all steps."""

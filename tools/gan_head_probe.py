@@ -33,6 +33,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=768, help="real and fake latents each; the last quarter is held out")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=256, help="the fresh head's width (DMD's disc_hidden)")
     p.add_argument("--checkpoint", default=None, help="a DMD run's checkpoint: probe its fake score's features")
     p.add_argument("--config", default="configs/shapes/dmd2_1step.yaml", help="the config of that run")
     a = p.parse_args(argv)
@@ -78,7 +79,8 @@ def main(argv=None):
             x_t = scale(ac).sqrt() * x0 + scale(1 - ac).sqrt() * torch.randn(x0.shape)
             feats = torch.cat([den.features(x_t[i:i + 256], tt[i:i + 256], Conditioning(embeds[i:i + 256]), ["mid_block"])[0]
                                for i in range(0, len(x0), 256)])
-        head = DiscriminatorHead(feats.shape[1])
+        # shaped as the run's head is (DMD's disc_hidden default, the map's own size: the GroupNorm rule)
+        head = DiscriminatorHead(feats.shape[1], a.hidden, feats.shape[-1])
         opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
         for _ in range(a.steps):
             b = train_idx[torch.randint(0, len(train_idx), (64,))]

@@ -25,6 +25,7 @@ DEFAULT_RUNS = [("configs/shapes/dmd2_1step.yaml", [1]), ("configs/shapes/dmd2_4
                 ("configs/shapes/vsd_1step.yaml", [1]), ("configs/shapes/consistency_lora.yaml", [1, 2, 4])]
 # other configs evaluated at these step counts with --configs (the rest: one step)
 STEPS = {"configs/shapes/adversarial_4step.yaml": [1, 2, 4], "configs/shapes/consistency_adversarial.yaml": [1, 2, 4],
+         "configs/shapes/dmd2_adversarial_4step.yaml": [1, 2, 4],
          # the bundled flow DiT's students (--teacher assets/shapes-flow-teacher)
          "configs/shapes/dit_consistency_lora.yaml": [1, 2, 4], "configs/shapes/dit_dmd2_4step.yaml": [1, 2, 4],
          "configs/shapes/dit_adversarial_4step.yaml": [1, 2, 4]}

@@ -123,6 +123,22 @@ def stage_exports(run_dir: Path, name: str, steps: list[int]) -> list[tuple[Path
     return sorted(found, key=lambda e: -e[2][0])
 
 
+def step_reversals(rows: list[dict]) -> list[str]:
+    """A line for each student whose FID gets worse from one of its step counts to the next larger one: the
+    papers' multi-step students improve with steps, and a reversal is a bug to hunt (issue 14)."""
+    fids: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r.get("role") not in ("teacher", "real") and r.get("steps") and r.get("fid") is not None:
+            fids.setdefault(r["label"], []).append((int(r["steps"]), float(r["fid"])))
+    found = []
+    for label, points in fids.items():
+        points.sort()
+        for (n0, f0), (n1, f1) in zip(points, points[1:]):
+            if f1 > f0:
+                found.append(f"reversal: {label} FID {f0:.1f} at {n0} steps -> {f1:.1f} at {n1} steps")
+    return found
+
+
 def _fmt(v, nd):
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -187,7 +203,7 @@ def main(argv=None):
         lines.append(f"| {r['label']} | {r.get('steps') or '-'} | {r.get('nfe') or '-'} | {_fmt(r.get('fid'), 1)} | "
                      f"{_fmt(r.get('clip_score'), 1)} | {' | '.join(_fmt(detail.get(a), 2) for a in attrs)} | "
                      f"{_fmt(r.get('attribute_accuracy'), 2)} | {'-' if wall is None else f'{wall / 60:.1f} min'} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "".join(f"\n\n{w}" for w in step_reversals(rows))
     header = (f"Shapes world, {args.num_images} images per row (seeds {args.seed}..), teacher "
               f"`{args.teacher}` ({json.dumps(teacher_info)}), teacher CFG {args.teacher_guidance} with its own scheduler; "
               f"students with their exported schedulers and timesteps. Command: "

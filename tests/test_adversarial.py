@@ -366,13 +366,13 @@ def test_adversarial_heads_learn_in_the_trainer_loop(tiny_sd, tmp_path):
     data = white_image_folder(tmp_path / "white", 16)
     cfg = load_run_config("configs/shapes/adversarial_1step.yaml", [
         f"model.teacher={tiny_sd}", f"train.output_dir={tmp_path / 'run'}", f"data.source={data}",
-        "train.batch_size=8", "train.max_steps=60", "train.progress=false", "train.export=none"])
+        "train.batch_size=8", "train.max_steps=150", "train.progress=false", "train.export=none"])
     trainer = Trainer(cfg)
     obj = trainer.objective
     with torch.no_grad():
         before = obj.losses("disc", trainer._batch(torch.Generator().manual_seed(5)), torch.Generator().manual_seed(5))
     assert float(before["accuracy"]) < 0.9  # the untrained heads do not already separate them
-    for _ in range(60):
+    for _ in range(150):
         trainer._train_step()
         trainer.state.step += 1
     gen = torch.Generator().manual_seed(123)

@@ -106,9 +106,17 @@ def test_multistep_sampling_depends_only_on_prompt_seed_and_steps(tiny_sd):
     torch.randn(100)
     b = generate(pipe, spec, prompts, seeds, steps=4, batch_size=2)
     alone = generate(pipe, spec, prompts[2:], seeds[2:], steps=4)
+    # Equal up to float rounding: a batch of 2 and one of 3 may take different CPU kernels, which moves a pixel
+    # by a grey level now and then (seen in the full suite); another noise draw would change the whole image.
+    def close(x, y):
+        d = np.abs(np.asarray(x).astype(int) - np.asarray(y).astype(int))
+        return d.max() <= 2 and d.mean() < 0.05
+
     for x, y in zip(a, b):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
-    assert np.array_equal(np.asarray(a[2]), np.asarray(alone[0]))
+        assert close(x, y)
+    assert close(a[2], alone[0])
+    other = generate(pipe, spec, prompts[2:], [6], steps=4)  # what a different seed does: far from equal
+    assert not close(a[2], other[0])
 
 
 def test_evaluate_cache_is_tied_to_the_weights_and_the_spec(tmp_path, monkeypatch, capsys):

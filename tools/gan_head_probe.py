@@ -20,6 +20,7 @@ from stepdistill.data import image_to_tensor
 from stepdistill.data.shapes import sample
 from stepdistill.denoiser import Conditioning
 from stepdistill.models import load_teacher
+from stepdistill.objectives.dmd import DMDOptions
 from stepdistill.objectives.gan import DiscriminatorHead
 from stepdistill.sampling import load_pipeline
 
@@ -33,7 +34,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=768, help="real and fake latents each; the last quarter is held out")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, default=256, help="the fresh head's width (DMD's disc_hidden)")
+    p.add_argument("--hidden", type=int, default=DMDOptions.disc_hidden,
+                   help="the fresh head's width (DMD's disc_hidden)")
     p.add_argument("--checkpoint", default=None, help="a DMD run's checkpoint: probe its fake score's features")
     p.add_argument("--config", default="configs/shapes/dmd2_1step.yaml", help="the config of that run")
     a = p.parse_args(argv)

@@ -33,6 +33,7 @@ from .gan import (GAN_LOSSES, FeatureHeads, approximate_r1_penalty, frozen, gan_
 from .noise_student import NoiseStudentOptions, NoiseToSample
 
 log = logging.getLogger(__name__)
+SCALE_WARNING_RATIO = 3.0  # warn once when the student's samples' std passes this multiple of the real latents'
 
 
 @dataclass
@@ -178,10 +179,10 @@ class Adversarial(NoiseToSample):
         # the student's latent scale against the real side's: a generator that outruns its heads shows here first
         # (a LoRA student at lr 1e-3 on the shapes eps teacher: 1.0 -> 12 within 40 steps, docs/objectives.md)
         std_ratio = fake.float().std() / real.float().std().clamp_min(1e-8)
-        if float(std_ratio) > 3 and not self._warned_scale:
+        if not self._warned_scale and (ratio := float(std_ratio)) > SCALE_WARNING_RATIO:
             self._warned_scale = True
             log.warning("adversarial: the student's samples have %.1fx the real latents' std: the generator is "
                         "outrunning the discriminator; lower train.lr (the shapes configs: 1e-4, a tenth of disc_lr)",
-                        float(std_ratio))
+                        ratio)
         return {**out, "loss": loss, "real_logit": real_logits.detach().mean(),
                 "fake_logit": fake_logits.detach().mean(), "accuracy": accuracy, "fake_std_ratio": std_ratio}

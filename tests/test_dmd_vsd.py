@@ -427,3 +427,31 @@ def test_default_student_timesteps_come_from_the_schedule(beta_schedule, predict
     t0 = int((gain <= 15).nonzero().max())
     assert [t0 - i * (t0 + 1) // steps for i in range(steps)] == expected
     assert default_student_timesteps(VPSchedule.from_scheduler_config(config), steps, 15.0) == expected
+
+
+@pytest.mark.parametrize("per_step", [True, False])
+def test_dm_noise_of_a_later_step_stays_below_its_input_timestep(tiny_sd, per_step):
+    """dm_t_max_per_step: step i > 0's samples are noised for the DM gradient to t <= t_i (its input's timestep),
+    step 0's over the whole U[t_min T, t_max T]; without the option every step uses the whole range."""
+    from stepdistill.objectives.base import StudentSample
+
+    teacher, _, obj = _objective(tiny_sd, "dmd", "lora", num_steps=4, dm_t_max_per_step=per_step)
+    ts = obj.timesteps
+    drawn = []
+    sample_t = obj.sample_t
+    obj.sample_t = lambda *a, **k: drawn.append(sample_t(*a, **k)) or drawn[-1]
+    batch = _batch(teacher)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    highest = {}
+    for step in (0, 2, 3):
+        drawn.clear()
+        for seed in range(25):
+            obj.student_losses(StudentSample(x0, {"step": step}), batch, torch.Generator().manual_seed(seed))
+        t = torch.cat(drawn)
+        assert int(t.min()) >= int(obj.opt.t_min * obj.T)
+        highest[step] = int(t.max())
+    assert highest[0] > ts[2]
+    if per_step:
+        assert highest[2] <= ts[2] and highest[3] <= ts[3] and highest[2] > ts[3]
+    else:
+        assert highest[2] > ts[2] and highest[3] > ts[2]

@@ -50,6 +50,10 @@ class DMDOptions(FakeScoreOptions):
     # the discriminator's inputs are noised to t ~ U[t_min T, disc_t_max T] (DMD2's diffusion_gan_max_timestep);
     # None: t_max. Where alpha_bar is tiny (t > 500 on a linear-beta schedule), real and fake are inseparable.
     disc_t_max: float | None = None
+    # N-step students: step i > 0's samples are noised for the DM gradient only up to its input's timestep t_i,
+    # the noise levels whose content that step still decides (above t_i its input already fixed it); false: the
+    # same U[t_min T, t_max T] for every step (DMD2)
+    dm_t_max_per_step: bool = False
     regression_weight: float = 0.0  # DMD1: l2 to teacher ODE outputs from the same noise (0 = off)
     regression_steps: int = 8  # teacher DDIM steps (with CFG) to make each regression target, on the fly
 
@@ -107,14 +111,18 @@ class DMD(DistributionMatching):
         return super().losses(network, batch, gen)
 
     def student_losses(self, sample, batch, gen):
-        return self.generator_losses(sample.x0, batch, gen, self.fake_index(sample))
+        step = sample.context.get("step", 0)
+        t_max = None
+        if self.opt.dm_t_max_per_step and step > 0:
+            t_max = max(self.opt.t_min, min(self.opt.t_max, self.sampler.timesteps[step] / self.T))
+        return self.generator_losses(sample.x0, batch, gen, self.fake_index(sample), t_max)
 
     def generator_losses(self, x0: torch.Tensor, batch: Batch, gen: torch.Generator,
-                         k: int = 0) -> dict[str, torch.Tensor]:
+                         k: int = 0, t_max: float | None = None) -> dict[str, torch.Tensor]:
         """The generator's losses for student samples x0 (a function of x0 alone, so tests can check d/dx0),
-        judged by fake score k (fake_per_step: the step that drew them)."""
+        judged by fake score k (fake_per_step: the step that drew them), noised up to t_max T (default t_max)."""
         o, b, dev, fake = self.opt, x0.shape[0], x0.device, self.fakes[k]
-        t = self.sample_t(b, gen, dev)
+        t = self.sample_t(b, gen, dev, t_max)
         x_t = self.schedule.add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=dev), t)
         with torch.no_grad():
             x0_real, _ = self.teacher.guided_x0_eps(x_t, t, batch.cond, batch.uncond, self.real_guidance(t))

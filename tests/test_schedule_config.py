@@ -151,3 +151,33 @@ def test_train_stops_on_an_objective_option_typo_before_loading_a_model(tmp_path
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown config key 'objective.options.w_maxx'") and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_shapes_noise_students_take_their_timesteps_from_each_teachers_schedule():
+    """The shipped UNet configs of noise-to-sample students (dmd, vsd, adversarial, and compositions led by one)
+    name no timesteps: the rule gives 699 (and its trailing grid) on the eps / linear-beta teacher and 999 on the
+    v / scaled_linear one, from the same file (issue 14, item 3)."""
+    import json
+
+    from stepdistill.objectives import get_objective
+    from stepdistill.objectives.noise_student import NoiseStudentOptions, default_student_timesteps
+
+    schedules = {t: VPSchedule.from_scheduler_config(json.loads(Path(f"assets/{t}/scheduler/scheduler_config.json")
+                                                                 .read_text()))
+                 for t in ("shapes-teacher", "shapes-teacher-v")}
+    seen = 0
+    for path in sorted(Path("configs/shapes").glob("*.yaml")):
+        cfg = load_run_config(str(path))
+        name, options = cfg.objective.name, cfg.objective.options
+        if name == "compose":
+            name, options = options["terms"][0]["name"], options["terms"][0].get("options", {})
+        opts = get_objective(name).parse_options(options)
+        if not isinstance(opts, NoiseStudentOptions) or "flow" in cfg.model.teacher:
+            continue
+        seen += 1
+        assert opts.student_timesteps is None, f"{path.name} names its timesteps"
+        n = opts.num_student_steps()
+        eps = default_student_timesteps(schedules["shapes-teacher"], n, opts.max_noise_amplification)
+        v = default_student_timesteps(schedules["shapes-teacher-v"], n, opts.max_noise_amplification)
+        assert eps[0] == 699 and v[0] == 999 and len(eps) == len(v) == n, (path.name, eps, v)
+    assert seen >= 8

@@ -1,4 +1,5 @@
-"""tools/shapes_results.py flags multi-step students whose FID worsens with steps (issue 14)."""
+"""tools/shapes_results.py flags multi-step students whose FID worsens with steps (issue 14), and evaluates each student
+at the step counts its export lists."""
 from __future__ import annotations
 
 import sys
@@ -6,7 +7,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from shapes_results import step_reversals  # noqa: E402
+import json  # noqa: E402
+
+from shapes_results import export_steps, stage_exports, step_reversals  # noqa: E402
 
 
 def test_a_student_worse_at_more_steps_is_flagged_and_the_teacher_is_not():
@@ -16,3 +19,19 @@ def test_a_student_worse_at_more_steps_is_flagged_and_the_teacher_is_not():
     rows += [{"label": "real", "role": "real", "steps": None, "fid": 96.2}]
     assert step_reversals(rows) == ["reversal: dmd2_4step FID 16.1 at 1 steps -> 18.2 at 2 steps",
                                     "reversal: dmd2_4step FID 18.2 at 2 steps -> 24.2 at 4 steps"]
+
+
+def test_each_student_is_evaluated_at_the_step_counts_its_export_lists(tmp_path):
+    def export(name, **spec):
+        folder = tmp_path / name / "export"
+        folder.mkdir(parents=True)
+        (folder / "stepdistill.json").write_text(json.dumps({"num_inference_steps": 4, "timesteps": None,
+                                                             "sigmas": None, **spec}))
+        return folder
+
+    assert export_steps(export("one", num_inference_steps=1, timesteps={"1": [699]})) == [1]
+    assert export_steps(export("dmd4", timesteps={"1": [699], "2": [699, 349], "4": [699, 524, 349, 174]})) == [1, 2, 4]
+    assert export_steps(export("lcm", timesteps={str(n): [] for n in (1, 2, 4, 8)})) == [1, 2, 4]  # 8: not asked
+    assert export_steps(export("flow", sigmas={"1": [1.0], "2": [1.0, 0.5], "4": [1.0, 0.75, 0.5, 0.25]})) == [1, 2, 4]
+    assert export_steps(export("plain", num_inference_steps=3)) == [3]
+    assert stage_exports(tmp_path / "dmd4", "dmd4") == [(tmp_path / "dmd4" / "export", "dmd4", [1, 2, 4])]

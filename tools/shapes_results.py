@@ -20,15 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (config, step counts to evaluate the student at)
-DEFAULT_RUNS = [("configs/shapes/dmd2_1step.yaml", [1]), ("configs/shapes/dmd2_4step.yaml", [1, 2, 4]),
-                ("configs/shapes/vsd_1step.yaml", [1]), ("configs/shapes/consistency_lora.yaml", [1, 2, 4])]
-# other configs evaluated at these step counts with --configs (the rest: one step)
-STEPS = {"configs/shapes/adversarial_4step.yaml": [1, 2, 4], "configs/shapes/consistency_adversarial.yaml": [1, 2, 4],
-         "configs/shapes/dmd2_adversarial_4step.yaml": [1, 2, 4],
-         # the bundled flow DiT's students (--teacher assets/shapes-flow-teacher)
-         "configs/shapes/dit_consistency_lora.yaml": [1, 2, 4], "configs/shapes/dit_dmd2_4step.yaml": [1, 2, 4],
-         "configs/shapes/dit_adversarial_4step.yaml": [1, 2, 4]}
+DEFAULT_CONFIGS = ["configs/shapes/dmd2_1step.yaml", "configs/shapes/dmd2_4step.yaml", "configs/shapes/vsd_1step.yaml",
+                   "configs/shapes/consistency_lora.yaml"]
+# each student is evaluated at every one of these step counts that its export's own spec lists (export_steps)
+EVAL_STEPS = (1, 2, 4)
 
 
 def _env(threads: int) -> dict:
@@ -47,7 +42,7 @@ def train_all(runs, out: Path, overrides: list[str], jobs: int, threads: int) ->
     pending, running, walls = list(runs), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
-            config, _ = pending.pop(0)
+            config = pending.pop(0)
             name = _name(config)
             run_dir = out / "runs" / name
             cmd = [sys.executable, "-m", "stepdistill", "train", config, f"train.output_dir={run_dir}",
@@ -110,17 +105,25 @@ def loop_seconds(run_dir: Path) -> float | None:
     return total
 
 
-def stage_exports(run_dir: Path, name: str, steps: list[int]) -> list[tuple[Path, str, list[int]]]:
+def stage_exports(run_dir: Path, name: str) -> list[tuple[Path, str, list[int]]]:
     """(export folder, label, step counts) to evaluate: a staged run (progressive rounds) has one export per stage
-    under RUN/stages/, each evaluated at its own step count; other runs have RUN/export at `steps`."""
+    under RUN/stages/, each evaluated at its own step count; other runs have RUN/export at its export_steps."""
     stages = sorted((run_dir / "stages").glob("*/stepdistill.json")) if (run_dir / "stages").is_dir() else []
     if not stages:
-        return [(run_dir / "export", name, steps)]
+        return [(run_dir / "export", name, export_steps(run_dir / "export"))]
     found = []
     for spec in stages:
         n = json.loads(spec.read_text())["num_inference_steps"]
         found.append((spec.parent, f"{name}-{spec.parent.name}", [n]))
     return sorted(found, key=lambda e: -e[2][0])
+
+
+def export_steps(export: Path) -> list[int]:
+    """The step counts of EVAL_STEPS that an export's sampling spec gives timesteps or sigmas for (a one-step
+    student: [1]; a 4-step one: [1, 2, 4]); a spec without either lists its num_inference_steps."""
+    spec = json.loads((export / "stepdistill.json").read_text())
+    listed = {int(k) for key in ("timesteps", "sigmas") for k in (spec.get(key) or {})}
+    return [n for n in EVAL_STEPS if n in listed] or [int(spec["num_inference_steps"])]
 
 
 def step_reversals(rows: list[dict]) -> list[str]:
@@ -161,7 +164,7 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="config overrides for every training (key=value)")
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
-    runs = DEFAULT_RUNS if not args.configs else [(c, dict(DEFAULT_RUNS).get(c, STEPS.get(c, [1]))) for c in args.configs]
+    runs = args.configs or DEFAULT_CONFIGS
     # Students and the teacher baseline use one frozen snapshot of the teacher (a teacher still being trained
     # may be rewritten in place; a LoRA export names its base folder).
     snapshot = out / "teacher"
@@ -174,14 +177,14 @@ def main(argv=None):
 
     if not args.skip_train:
         train_all(runs, out, overrides, args.jobs, args.threads)
-    walls = {_name(c): loop_seconds(out / "runs" / _name(c)) for c, _ in runs}
+    walls = {_name(c): loop_seconds(out / "runs" / _name(c)) for c in runs}
 
     rows = []
     by_steps: dict[tuple, list] = {}
     run_of: dict[str, str] = {}  # evaluation label -> run name
-    for config, steps in runs:
+    for config in runs:
         name = _name(config)
-        for export, label, n in stage_exports(out / "runs" / name, name, steps):
+        for export, label, n in stage_exports(out / "runs" / name, name):
             by_steps.setdefault(tuple(n), []).append((export, label))
             run_of[label] = name
     for i, (steps, entries) in enumerate(by_steps.items()):

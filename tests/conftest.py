@@ -24,6 +24,14 @@ def tiny_sd_v(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd_linear(tmp_path_factory):
+    """tiny_sd on the linear-beta DDPM schedule (eps, like the bundled shapes teacher): sigma/alpha = 157 at t = 999."""
+    from stepdistill.testing import build_tiny_pipeline
+
+    return str(build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd-linear") / "pipe", beta_schedule="linear"))
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_v_linear(tmp_path_factory):
     """A v-prediction teacher on the linear-beta DDPM schedule (alpha_bar(999) = 4e-5, where scaled_linear's is
     5e-3): a second beta schedule, so that the package's own rebuild of alphas_cumprod is checked as well."""

@@ -55,8 +55,9 @@ def _x0_eps(out, z, a, s, prediction_type):
 
 
 def _hand_written_round_loss(path, prediction_type, teacher_unet, student_unet, batch, x0, noise, k, n, scale,
-                             target_unet=None):
-    """Two DDIM steps of the CFG teacher (or of `target_unet`), then the inversion of one DDIM step."""
+                             target_unet=None, t_top=None, target_t_top=None):
+    """Two DDIM steps of the CFG teacher (or of `target_unet`), then the inversion of one DDIM step. `t_top`: the
+    student is told (and converts at) this t where k = n; `target_t_top`: the target, at its own top (2k = 2n)."""
     ac = _alphas_cumprod(path)
 
     def alpha_sigma(t):
@@ -74,17 +75,20 @@ def _hand_written_round_loss(path, prediction_type, teacher_unet, student_unet, 
         uncond = teacher_unet(z, tt, encoder_hidden_states=unc).sample
         return _x0_eps(uncond + scale * (cond - uncond), z, a, s, prediction_type)
 
+    t_in = t if t_top is None else torch.where(k == n, t_top, t)
+    t_tgt = t if target_t_top is None else torch.where(k == n, target_t_top, t)
     with torch.no_grad():
         a, s = alpha_sigma(t)
-        z = a * x0 + s * noise
-        x_hat, eps_hat = target_pred(z, t)
+        z = a * x0 + s * noise  # the trajectory's point: at T - 1 whatever the top step is told
+        x_hat, eps_hat = target_pred(z, t_tgt)
         a1, s1 = alpha_sigma(t_mid)
         z1 = a1 * x_hat + s1 * eps_hat
         x_hat1, eps_hat1 = target_pred(z1, t_mid)
         a2, s2 = alpha_sigma(t_end)
         z2 = a2 * x_hat1 + s2 * eps_hat1
+        a, s = alpha_sigma(t_in)
         target = (z2 - (s2 / s) * z) / (a2 - (s2 / s) * a)
-    pred, _ = _x0_eps(student_unet(z, t, encoder_hidden_states=emb).sample, z, a, s, prediction_type)
+    pred, _ = _x0_eps(student_unet(z, t_in, encoder_hidden_states=emb).sample, z, a, s, prediction_type)
     weight = torch.clamp((a / s) ** 2, min=1.0).flatten()  # truncated SNR
     return (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
 
@@ -122,6 +126,46 @@ def test_round_loss_and_gradients_match_hand_written(tiny_sd, tiny_sd_v, predict
     with torch.no_grad():
         replay = obj.losses("student", batch, torch.Generator().manual_seed(6))["loss"]
         assert torch.equal(replay, obj.round_loss(obj.student_at(batch, noise, k, None), batch)["loss"])
+
+
+def _rule_t_top(path, bound):
+    """The largest t with sigma/alpha <= bound, from diffusers' alphas (eps teacher)."""
+    ac = _alphas_cumprod(path)
+    return int(((1 - ac).sqrt() / ac.sqrt() <= bound).nonzero().max())
+
+
+def test_top_step_is_conditioned_where_the_schedule_rule_puts_it(tiny_sd_linear):
+    """Linear betas (sigma/alpha = 157 at 999): a two-step round's top step is told t_top (730 at the default
+    bound 15) and takes x0 there, against the hand-written loss; the four-step round, whose next point (749) is
+    above t_top, keeps 999; the next round's target, the two-step student, is evaluated at its own t_top."""
+    teacher, student, obj = _objective(tiny_sd_linear, start_steps=8, end_steps=1, guidance_scale=3.0)
+    t_top = _rule_t_top(tiny_sd_linear, 15.0)
+    assert obj.t_top == t_top == 730
+    assert obj.sampling_spec().timesteps == {4: [999, 749, 499, 249]}
+    batch = _batch(teacher)
+    k = torch.tensor([2, 1, 2, 2])
+    noise = torch.randn(batch.latents.shape, generator=torch.Generator().manual_seed(4))
+    obj.begin_stage(1, student)  # N = 2, target: the four-step student (its top at 999)
+    assert obj.sampling_spec().timesteps == {2: [t_top, 499]}
+    ours = obj.round_loss(obj.student_at(batch, noise, k, None), batch)["loss"]
+    theirs = _hand_written_round_loss(tiny_sd_linear, "epsilon", teacher.net, student, batch, batch.latents, noise,
+                                      k, 2, 3.0, target_unet=obj.target.module, t_top=t_top)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7), (float(ours), float(theirs))
+    obj.begin_stage(2, student)  # N = 1, target: the two-step student (its top at t_top)
+    assert obj.sampling_spec().timesteps == {1: [t_top]}
+    k = torch.ones(4, dtype=torch.long)
+    ours = obj.round_loss(obj.student_at(batch, noise, k, None), batch)["loss"]
+    theirs = _hand_written_round_loss(tiny_sd_linear, "epsilon", teacher.net, student, batch, batch.latents, noise,
+                                      k, 1, 3.0, target_unet=obj.target.module, t_top=t_top, target_t_top=t_top)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7), (float(ours), float(theirs))
+    # a wrong target conditioning (999) gives another loss: the check above can fail
+    wrong = _hand_written_round_loss(tiny_sd_linear, "epsilon", teacher.net, student, batch, batch.latents, noise,
+                                     k, 1, 3.0, target_unet=obj.target.module, t_top=t_top)
+    assert not torch.allclose(ours, wrong, rtol=1e-3)
+    # explicit, and the rule's bound
+    assert _objective(tiny_sd_linear, start_steps=2, end_steps=1, top_timestep=599)[2].sampling_spec().timesteps == {1: [599]}
+    assert _objective(tiny_sd_linear, start_steps=2, end_steps=1, max_noise_amplification=12.0)[2].t_top == \
+        _rule_t_top(tiny_sd_linear, 12.0)
 
 
 def test_later_round_target_is_the_previous_student_and_the_teacher_is_not_called(tiny_sd):
@@ -179,19 +223,24 @@ def test_guided_stage_matches_hand_written_and_exports_embedded_guidance(tiny_sd
     assert spec.guidance_scale == 3.0 and spec.nfe(4) == 4 and spec.timesteps == {4: [999, 749, 499, 249]}
 
 
-def test_exported_student_samples_like_the_objective_rollout(tiny_sd):
-    """The export's scheduler (Euler with explicit timesteps = DDIM) reproduces the training-time DDIM rollout."""
+@pytest.mark.parametrize("teacher_name", ["tiny_sd", "tiny_sd_linear"])
+def test_exported_student_samples_like_the_objective_rollout(teacher_name, request):
+    """The export's scheduler (Euler with explicit timesteps = DDIM) reproduces the training-time DDIM rollout,
+    a top step told t_top (linear betas, one and two steps) included."""
     import numpy as np
 
     from stepdistill.export import pipeline_with_net
     from stepdistill.sampling import generate, make_scheduler
 
-    teacher, student, obj = _objective(tiny_sd, "full", start_steps=8, end_steps=1)
+    teacher, student, obj = _objective(request.getfixturevalue(teacher_name), "full", start_steps=8, end_steps=1)
     for stage in range(3):
         obj.begin_stage(stage, student)
         spec = obj.sampling_spec()
         n = obj.student_steps
-        assert spec.timesteps == {n: [grid_timestep(k, n, 1000) for k in range(n, 0, -1)]}
+        grid = [grid_timestep(k, n, 1000) for k in range(n, 0, -1)]
+        if teacher_name == "tiny_sd_linear" and n <= 2:
+            grid[0] = 730
+        assert spec.timesteps == {n: grid}
         pipe = pipeline_with_net(teacher, student, make_scheduler(spec))
         pipe.set_progress_bar_config(disable=True)
         prompts, seeds = ["a red circle", "a blue square"], [11, 12]

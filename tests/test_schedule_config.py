@@ -181,3 +181,27 @@ def test_shapes_noise_students_take_their_timesteps_from_each_teachers_schedule(
         v = default_student_timesteps(schedules["shapes-teacher-v"], n, opts.max_noise_amplification)
         assert eps[0] == 699 and v[0] == 999 and len(eps) == len(v) == n, (path.name, eps, v)
     assert seen >= 8
+
+
+def test_shapes_progressive_top_step_comes_from_each_teachers_schedule():
+    """progressive.yaml's one- and two-step rounds are told t = 699 at their top on the eps / linear-beta teacher
+    (sigma/alpha = 160 at 999) and keep 999 on the v teacher, by the same rule and bound as the dmd / vsd configs;
+    its exports' timesteps say so."""
+    import torch
+
+    from stepdistill.config import ModelConfig, StudentConfig
+    from stepdistill.models import build_student, load_teacher
+    from stepdistill.objectives import DistillSetup, get_objective
+
+    cls = get_objective("progressive")
+    opts = cls.parse_options(load_run_config("configs/shapes/progressive.yaml").objective.options)
+    assert opts.top_timestep is None
+    for teacher_dir, t_top in (("shapes-teacher", 699), ("shapes-teacher-v", 999)):
+        teacher = load_teacher(ModelConfig(teacher=f"assets/{teacher_dir}"), "cpu")
+        student = build_student(teacher, StudentConfig(type="full"))
+        obj = cls(DistillSetup(teacher, student, "full", 1e-4, 32, torch.device("cpu"), 100), opts)
+        specs = {}
+        for stage in range(len(obj.stages())):
+            obj.begin_stage(stage, student)
+            specs.update(obj.sampling_spec().timesteps)
+        assert specs[1] == [t_top] and specs[2] == [t_top, 499] and specs[4] == [999, 749, 499, 249], (teacher_dir, specs)

@@ -11,6 +11,12 @@ t = t(k, N) to t'' = t(k - 1, N) must land where two steps of the round's frozen
 The target is the CFG teacher in round 0 and the previous round's student after (for a LoRA student: a frozen
 "target" adapter on the same base). Grids nest: t(k, N) = k T / N - 1 (floor), t(0, N) = -1 is the clean end.
 
+The top step of a round whose next grid point lies below t_top (one and two steps, usually) is conditioned at
+t_top, the distribution-matching students' schedule rule (`max_noise_amplification`), not at T - 1: its input is
+still z_T, but the UNet is told t_top and x0 = (z - sigma eps) / alpha is taken there, since at t = 999 of the
+linear-beta schedule alpha is so small that an eps student's errors reach x0 160x (the paper's reason for x- and
+v-prediction students). SD's schedules and v / x0 teachers keep T - 1.
+
 Guided distillation, stage 1 (`guided: true`, a full student with a guidance-scale embedding): the student learns
 the CFG teacher's x0 for any scale s ~ U[guidance_min, guidance_max], t ~ U{0..T-1}, so one evaluation replaces
 two; the progressive rounds then start from it, with s kept as an input.
@@ -29,6 +35,7 @@ from ..errors import StepdistillError
 from ..losses import l2
 from ..models import STUDENT_ADAPTER, TARGET_ADAPTER, add_adapter_like, copy_adapter
 from .base import Batch, Objective, Stage, StudentSample, TrainedNetwork, register
+from .noise_student import default_student_timesteps
 
 
 
@@ -45,6 +52,10 @@ class ProgressiveOptions:
     guided_steps: int | None = None  # guided: stage-1 steps (None: an equal share of train.max_steps)
     sample_guidance: float | None = None  # guided: the export's guidance scale (default: middle of the range)
     reset_optimizer: bool = True  # clear Adam's moments at each round, as in the paper
+    # t_top, where the top step of one- and two-step rounds is conditioned: the largest t whose output-to-x0 error
+    # amplification is at most this (the dmd / vsd rule; 999 on SD's schedules), or `top_timestep` if given
+    max_noise_amplification: float = 15.0
+    top_timestep: int | None = None
 
     def num_rounds(self) -> int:
         return int(round(math.log2(self.start_steps / self.end_steps)))
@@ -62,6 +73,8 @@ class ProgressiveOptions:
             raise StepdistillError("objective.options needs 1 <= guidance_min <= guidance_max")
         if self.guidance_scale < 0:
             raise StepdistillError("objective.options.guidance_scale must be >= 0")
+        if self.max_noise_amplification <= 0:
+            raise StepdistillError("objective.options.max_noise_amplification must be > 0")
 
 
 def grid_timestep(k: torch.Tensor | int, n: int, num_train_timesteps: int):
@@ -84,6 +97,10 @@ class Progressive(Objective):
         self.T = self.schedule.num_train_timesteps
         if o.start_steps > self.T:
             raise StepdistillError(f"objective.options.start_steps must be <= {self.T} (the teacher's timesteps)")
+        if o.top_timestep is not None and not 0 <= o.top_timestep < self.T:
+            raise StepdistillError(f"objective.options.top_timestep must be in [0, {self.T - 1}], got {o.top_timestep}")
+        self.t_top = (o.top_timestep if o.top_timestep is not None
+                      else default_student_timesteps(self.schedule, 1, o.max_noise_amplification)[0])
         self.lora = setup.student_type == "lora"
         self.student = Denoiser(setup.student, self.schedule, adapter=STUDENT_ADAPTER if self.lora else None)
         embedded = self.student.has_guidance_embedding
@@ -152,6 +169,14 @@ class Progressive(Objective):
     def target_is_teacher(self) -> bool:
         return self.stage == 0
 
+    def cond_timestep(self, k, n: int):
+        """The timestep a round-n student is told at grid point k: t(k, n), or t_top at the top (k = n) where t_top
+        lies above the next grid point (so the grid still descends)."""
+        top = self.t_top if grid_timestep(n - 1, n, self.T) < self.t_top else self.T - 1
+        if torch.is_tensor(k):
+            return torch.where(k == n, top, grid_timestep(k, n, self.T))
+        return top if k == n else grid_timestep(k, n, self.T)
+
     # --- networks ------------------------------------------------------------------------------------------
     def networks(self):
         return {"student": TrainedNetwork(self.setup.student, self.setup.lr)}
@@ -200,9 +225,10 @@ class Progressive(Objective):
         k = None if self.kind == "guided" else step
         t = step if k is None else grid_timestep(k, self.student_steps, self.T)
         z = self.schedule.add_noise(batch.latents, noise, t)
+        t_in = t if k is None else self.cond_timestep(k, self.student_steps)  # t_top at the top (module docstring)
         with torch.set_grad_enabled(train):
-            pred = (self.student_train if train else self.student).x0_eps(z, t, batch.cond, self._w(scale))[0]
-        return StudentSample(pred, {"z": z, "t": t, "k": k, "scale": scale})
+            pred = (self.student_train if train else self.student).x0_eps(z, t_in, batch.cond, self._w(scale))[0]
+        return StudentSample(pred, {"z": z, "t": t, "t_in": t_in, "k": k, "scale": scale})
 
     def student_losses(self, sample: StudentSample, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         if self.kind == "guided":
@@ -212,13 +238,17 @@ class Progressive(Objective):
     def round_loss(self, sample: StudentSample, batch: Batch) -> dict[str, torch.Tensor]:
         """One student step from t(k, N) against two target steps through t(2k - 1, 2N) to t(k - 1, N)."""
         n, T, sch = self.student_steps, self.T, self.schedule
-        z, t, k, scale = (sample.context[key] for key in ("z", "t", "k", "scale"))
+        z, t, t_in, k, scale = (sample.context[key] for key in ("z", "t", "t_in", "k", "scale"))
         t_mid, t_end = grid_timestep(2 * k - 1, 2 * n, T), grid_timestep(k - 1, n, T)
+        # the teacher (and a guided stage's student) at the trajectory's own t; a previous round's student where
+        # that round conditioned it
+        previous_round = self.stage > 0 and self._stages[self.stage - 1][0] == "round"
+        t_target = self.cond_timestep(2 * k, 2 * n) if previous_round else t
         with torch.no_grad():
-            z_mid = sch.ddim_step(*self.target_x0_eps(z, t, batch, scale), t_mid)
+            z_mid = sch.ddim_step(*self.target_x0_eps(z, t_target, batch, scale), t_mid)
             z_end = sch.ddim_step(*self.target_x0_eps(z_mid, t_mid, batch, scale), t_end)
-            target = sch.ddim_x0_target(z, t, z_end, t_end)
-        return {"loss": (self.weight(t) * l2(sample.x0, target)).mean()}
+            target = sch.ddim_x0_target(z, t_in, z_end, t_end)  # one student DDIM step from (z, t_in) lands on z_end
+        return {"loss": (self.weight(t_in) * l2(sample.x0, target)).mean()}
 
     def guided_loss(self, sample: StudentSample, batch: Batch) -> dict[str, torch.Tensor]:
         """Stage 1 of guided distillation: the student's x0 at (z_t, s) matches the CFG teacher's at scale s."""
@@ -232,7 +262,7 @@ class Progressive(Objective):
         n, x = self.student_steps, x_T
         w = None if scale is None else torch.full((x.shape[0],), float(scale) - 1.0, device=x.device)
         for k in range(n, 0, -1):
-            t = torch.full((x.shape[0],), grid_timestep(k, n, self.T), device=x.device, dtype=torch.long)
+            t = torch.full((x.shape[0],), self.cond_timestep(k, n), device=x.device, dtype=torch.long)
             x0, eps = self.student.x0_eps(x, t, cond, w)
             x = self.schedule.ddim_step(x0, eps, torch.full_like(t, grid_timestep(k - 1, n, self.T)))
         return x
@@ -267,7 +297,7 @@ class Progressive(Objective):
         config = {k: v for k, v in self.setup.teacher.scheduler_config.items() if not k.startswith("_")}
         config.update(timestep_spacing="leading", final_sigmas_type="zero", use_karras_sigmas=False,
                       interpolation_type="linear", timestep_type="discrete")
-        timesteps = [int(grid_timestep(k, n, self.T)) for k in range(n, 0, -1)]
+        timesteps = [int(self.cond_timestep(k, n)) for k in range(n, 0, -1)]
         guidance = (o.sample_guidance or (o.guidance_min + o.guidance_max) / 2) if o.guided else 1.0
         return SamplingSpec(format="lora" if self.lora else "full", scheduler_class="EulerDiscreteScheduler",
                             scheduler_config=config, num_inference_steps=n, timesteps={n: timesteps},

@@ -9,7 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import json  # noqa: E402
 
-from shapes_results import export_steps, stage_exports, step_reversals  # noqa: E402
+import pytest  # noqa: E402
+from shapes_results import export_steps, main, stage_exports, step_reversals  # noqa: E402
 
 
 def test_a_student_worse_at_more_steps_is_flagged_and_the_teacher_is_not():
@@ -35,3 +36,10 @@ def test_each_student_is_evaluated_at_the_step_counts_its_export_lists(tmp_path)
     assert export_steps(export("flow", sigmas={"1": [1.0], "2": [1.0, 0.5], "4": [1.0, 0.75, 0.5, 0.25]})) == [1, 2, 4]
     assert export_steps(export("plain", num_inference_steps=3)) == [3]
     assert stage_exports(tmp_path / "dmd4", "dmd4") == [(tmp_path / "dmd4" / "export", "dmd4", [1, 2, 4])]
+
+
+def test_an_override_after_configs_is_refused_before_anything_is_written(tmp_path):
+    """`--configs A.yaml train.seed=1` would train A, then the defaults under a config named 'train.seed=1'."""
+    with pytest.raises(SystemExit, match="'train.seed=1' is not a config file; put overrides before --configs"):
+        main(["--out", str(tmp_path / "out"), "--configs", "configs/shapes/dmd2_1step.yaml", "train.seed=1"])
+    assert not (tmp_path / "out").exists()

@@ -165,6 +165,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = (ROOT / args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
     runs = args.configs or DEFAULT_CONFIGS
+    # `--configs A.yaml key=value` would take the override for a config name (and train the defaults under it)
+    swallowed = [c for c in runs if "=" in c and not (ROOT / c).is_file() and not Path(c).is_file()]
+    if swallowed:
+        raise SystemExit(f"error: {swallowed[0]!r} is not a config file; put overrides before --configs")
     # Students and the teacher baseline use one frozen snapshot of the teacher (a teacher still being trained
     # may be rewritten in place; a LoRA export names its base folder).
     snapshot = out / "teacher"

@@ -69,12 +69,13 @@ def test_approximate_r1_penalty_by_hand():
 
 # --- the adversarial objective -----------------------------------------------------------------------------------
 
-def _build(path, name, **opts):
+def _build(path, name, max_steps=0, **opts):
     torch.manual_seed(0)
     teacher = load_teacher(ModelConfig(teacher=path), "cpu")
     student = build_student(teacher, StudentConfig(type="lora", lora_rank=4, lora_alpha=8))
     cls = get_objective(name)
-    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu")), cls.parse_options(opts))
+    obj = cls(DistillSetup(teacher, student, "lora", 1e-4, 32, torch.device("cpu"), max_steps),
+              cls.parse_options(opts))
     with torch.no_grad():  # LoRA B starts at zero: perturb so that student and teacher differ
         for n, p in teacher.net.named_parameters():
             if ".student." in n or ".fake." in n:
@@ -282,6 +283,28 @@ def test_consistency_composes_first_and_adversarial_scores_its_sample(tiny_sd):
     assert obj.needs_images and obj.sampling_spec().scheduler_class == "LCMScheduler"
 
 
+def test_progressive_composes_first_and_adversarial_scores_its_sample(tiny_sd):
+    """Lightning-style: the progressive round's loss on its own draw, plus the adversarial term on that draw's x0."""
+    teacher, student, obj = _build(tiny_sd, "compose", max_steps=4, terms=[
+        {"name": "progressive", "options": {"start_steps": 4, "end_steps": 1}},
+        {"name": "adversarial", "weight": 0.05, "options": {"real": "data"}}])
+    prog, adv = obj.terms
+    batch = _batch(teacher)
+    for stage in range(2):  # N = 2 against the teacher, then N = 1 against the two-step student
+        obj.begin_stage(stage, student)
+        out = obj.losses("student", batch, torch.Generator().manual_seed(4))
+        gen = torch.Generator().manual_seed(4)
+        sample = prog.draw_student(batch, gen, train=True)
+        l_prog = prog.student_losses(sample, batch, gen)["loss"]
+        l_adv = adv.student_losses(sample, batch, gen)["loss"]
+        assert torch.allclose(out["progressive/loss"], prog.losses("student", batch, torch.Generator().manual_seed(4))["loss"])
+        assert torch.allclose(out["progressive/loss"], l_prog) and torch.allclose(out["adversarial/loss"], l_adv)
+        assert torch.allclose(out["loss"], l_prog + 0.05 * l_adv)
+        assert obj.sampling_spec().num_inference_steps == 2 // (stage + 1)
+    assert [s.name for s in obj.stages()] == [s.name for s in prog.stages()] and len(obj.stages()) == 2
+    assert obj.sampling_spec().objective == "progressive+adversarial"
+
+
 @pytest.mark.parametrize("terms, phrase", [
     ([{"name": "adversarial"}, {"name": "consistency"}], "list it first"),
     ([{"name": "dmd", "options": {"gan_weight": 0.1}}, {"name": "adversarial"}], "both train a 'disc'"),
@@ -313,16 +336,24 @@ def test_composed_and_adversarial_runs_train_and_export(tiny_sd, tmp_path):
 
     for name, config in [("adv", "configs/shapes/adversarial_4step.yaml"),
                          ("dmd2", "configs/shapes/dmd2_adversarial.yaml"),
-                         ("lcm", "configs/shapes/consistency_adversarial.yaml")]:
+                         ("lcm", "configs/shapes/consistency_adversarial.yaml"),
+                         ("lightning", "configs/shapes/progressive_adversarial.yaml")]:
+        steps = 5 if name == "lightning" else 4  # one step per progressive round
         cfg = load_run_config(config, [f"model.teacher={tiny_sd}", f"train.output_dir={tmp_path / name}",
-                                       "train.max_steps=4", "train.batch_size=4", "train.progress=false",
+                                       f"train.max_steps={steps}", "train.batch_size=4", "train.progress=false",
                                        "train.checkpoint_every=4", "train.log_every=2"])
         run = Trainer(cfg).train()
         logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(v) for row in logs for k, v in row.items() if k.endswith("loss"))
         assert any(k.startswith("disc/") for k in logs[-1])
         spec = json.loads((run / "export" / "stepdistill.json").read_text())
-        assert spec["scheduler_class"] == "LCMScheduler"
+        if name == "lightning":  # one export per round, each with its own step count; the last is the run's
+            rounds = sorted((run / "stages").glob("*/stepdistill.json"))
+            steps = [json.loads(p.read_text())["num_inference_steps"] for p in rounds]
+            assert sorted(steps, reverse=True) == [16, 8, 4, 2, 1] and spec["num_inference_steps"] == 1
+            assert spec["objective"] == "progressive+adversarial"
+        else:
+            assert spec["scheduler_class"] == "LCMScheduler"
 
 
 def test_pixel_space_discriminator_on_a_named_image_network(tiny_sd, tmp_path):

@@ -297,7 +297,8 @@ def test_progressive_composes_first_and_adversarial_scores_its_sample(tiny_sd):
         sample = prog.draw_student(batch, gen, train=True)
         l_prog = prog.student_losses(sample, batch, gen)["loss"]
         l_adv = adv.student_losses(sample, batch, gen)["loss"]
-        assert torch.allclose(out["progressive/loss"], prog.losses("student", batch, torch.Generator().manual_seed(4))["loss"])
+        alone = prog.losses("student", batch, torch.Generator().manual_seed(4))["loss"]
+        assert torch.allclose(out["progressive/loss"], alone)
         assert torch.allclose(out["progressive/loss"], l_prog) and torch.allclose(out["adversarial/loss"], l_adv)
         assert torch.allclose(out["loss"], l_prog + 0.05 * l_adv)
         assert obj.sampling_spec().num_inference_steps == 2 // (stage + 1)
@@ -338,9 +339,9 @@ def test_composed_and_adversarial_runs_train_and_export(tiny_sd, tmp_path):
                          ("dmd2", "configs/shapes/dmd2_adversarial.yaml"),
                          ("lcm", "configs/shapes/consistency_adversarial.yaml"),
                          ("lightning", "configs/shapes/progressive_adversarial.yaml")]:
-        steps = 5 if name == "lightning" else 4  # one step per progressive round
+        max_steps = 5 if name == "lightning" else 4  # one step per progressive round
         cfg = load_run_config(config, [f"model.teacher={tiny_sd}", f"train.output_dir={tmp_path / name}",
-                                       f"train.max_steps={steps}", "train.batch_size=4", "train.progress=false",
+                                       f"train.max_steps={max_steps}", "train.batch_size=4", "train.progress=false",
                                        "train.checkpoint_every=4", "train.log_every=2"])
         run = Trainer(cfg).train()
         logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -349,8 +350,8 @@ def test_composed_and_adversarial_runs_train_and_export(tiny_sd, tmp_path):
         spec = json.loads((run / "export" / "stepdistill.json").read_text())
         if name == "lightning":  # one export per round, each with its own step count; the last is the run's
             rounds = sorted((run / "stages").glob("*/stepdistill.json"))
-            steps = [json.loads(p.read_text())["num_inference_steps"] for p in rounds]
-            assert sorted(steps, reverse=True) == [16, 8, 4, 2, 1] and spec["num_inference_steps"] == 1
+            round_steps = [json.loads(p.read_text())["num_inference_steps"] for p in rounds]
+            assert sorted(round_steps, reverse=True) == [16, 8, 4, 2, 1] and spec["num_inference_steps"] == 1
             assert spec["objective"] == "progressive+adversarial"
         else:
             assert spec["scheduler_class"] == "LCMScheduler"
